@@ -1,0 +1,1 @@
+"""What every shallow process shares: settings, the job/stream protocol, the session store, prompts, model sources."""

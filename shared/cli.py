@@ -1,0 +1,182 @@
+"""`shallow`: one command line, a subcommand per process. Each subcommand imports only what it needs."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.errors import ConfigError, ModelNotFound, RedisUnavailable, ShallowError
+from shared.settings import Settings
+
+logger = logging.getLogger("shallow")
+
+NOISY = ("httpx", "httpcore", "urllib3", "filelock", "transformers", "huggingface_hub", "datasets", "rq.worker")
+
+
+def configure_logging(default: str = "INFO", quiet_rq: bool = False) -> None:
+    level = os.environ.get("SHALLOW_LOG_LEVEL", default).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in NOISY:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if not quiet_rq:
+        logging.getLogger("rq.worker").setLevel(logging.getLogger().level)
+
+
+def _default_channel() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in some containers
+        user = "local"
+    return f"console:{user}"
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.main import run
+
+    configure_logging("INFO")
+    return run(settings, burst=args.burst, name=args.name)
+
+
+def _console(settings: Settings, channel: str, worker_problem=None):
+    from bots.console import Console
+    from shared.client import TurnClient
+
+    client = TurnClient(settings)
+    kwargs = {"worker_problem": worker_problem} if worker_problem else {}
+    return Console(client, channel, **kwargs)
+
+
+def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging("WARNING")
+    console = _console(settings, args.channel)
+    console.client.store.chat(args.channel)  # plain messages are chat turns here
+    return console.run()
+
+
+def cmd_story(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging("WARNING")
+    console = _console(settings, args.channel)
+    console.handle("/story " + " ".join(args.title))
+    return console.run()
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging("WARNING")
+    from shared.client import TurnClient
+
+    st = TurnClient(settings).status()
+    if args.json:
+        print(json.dumps(st))
+    else:
+        print(f"queue {st['queue']}: {st['queued']} waiting, {st['running']} running, {st['failed']} failed")
+        workers = st["workers"]
+        print(f"{len(workers)} worker(s) alive" + (":" if workers else ""))
+        for w in workers:
+            print(f"  {w['name']}: {w['state']}" + (f" (job {w['job']})" if w["job"] else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Embedded Redis (unless REDIS_URL is set) + one worker process + the terminal chat."""
+    from dataclasses import replace
+
+    from shared.redis_conn import EmbeddedRedis
+
+    configure_logging("WARNING")
+    embedded = None
+    worker = None
+    try:
+        if not settings.redis_url:
+            embedded = EmbeddedRedis(settings.home / "redis")
+            settings = replace(settings, redis_url=embedded.start())
+            print(f"Redis: embedded server, data in {embedded.data_dir}", flush=True)
+        log_path = settings.home / "worker.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, REDIS_URL=settings.redis_url)
+        log = open(log_path, "ab")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C in the chat must not kill the worker mid-reply
+        )
+        print(f"Worker: pid {worker.pid}, loading {settings.base_model} (log: {log_path})", flush=True)
+
+        def worker_problem() -> str | None:
+            if worker.poll() is None:
+                return None
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            return f"the worker exited with code {worker.returncode}: " + " | ".join(tail)
+
+        channel = args.channel
+        console = _console(settings, channel, worker_problem)
+        if args.story:
+            console.handle("/story " + " ".join(args.story))
+        else:
+            console.client.store.chat(channel)
+            if sys.stdin.isatty():
+                print("Chat with the model; /story <title> plays an adventure, /help lists commands.", flush=True)
+        return console.run()
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        if embedded is not None:
+            embedded.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shallow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("worker", help="load the model once and serve the queue (an RQ SimpleWorker)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.add_argument("--name", help="the worker's name in Redis (default: RQ's host.pid-based name)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("chat", help="chat in the terminal through the queue (needs a worker)")
+    p.add_argument("--channel", default=_default_channel(), help="conversation name; kept across runs")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("story", help='play a choose-your-own-adventure in the terminal: shallow story "The Lost Crown"')
+    p.add_argument("title", nargs="*", help="the story's title")
+    p.add_argument("--channel", default=_default_channel(), help="conversation name; kept across runs")
+    p.set_defaults(func=cmd_story)
+
+    p = sub.add_parser("demo", help="everything on this machine: embedded Redis, a worker, and the terminal chat")
+    p.add_argument("--channel", default="console:demo", help="conversation name; kept across runs")
+    p.add_argument("--story", nargs="+", metavar="TITLE", help="start with a story instead of a chat")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("status", help="queue depth, workers alive, jobs running and failed")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts and health checks")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+EXIT_CODES = {RedisUnavailable: 2, ConfigError: 2, ModelNotFound: 3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return int(args.func(args, settings) or 0)
+    except ShallowError as exc:
+        print(f"shallow {args.command}: {exc}", file=sys.stderr)
+        return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

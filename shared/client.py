@@ -1,0 +1,286 @@
+"""The frontends' side of the pipeline: validate a turn, enqueue it, follow its reply stream.
+
+Every frontend (console, Discord, Telegram, web) goes through `TurnClient`, so they all validate the
+same way, hold one turn at a time per channel, and see the same events.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+from rq import Queue, Retry, Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from shared.errors import BadInput, ChannelBusy
+from shared.prompts import story_action
+from shared.protocol import (
+    EVENT_FIELD,
+    JOB_FUNCTION,
+    Chunk,
+    Done,
+    Error,
+    Event,
+    Mode,
+    Start,
+    TurnRequest,
+    cancel_key,
+    decode_event,
+    new_id,
+    stream_key,
+)
+from shared.redis_conn import connect
+from shared.sessions import Session, SessionStore
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    request: TurnRequest
+    session: Session
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Not on the wire: what a follower sees while the job has not started. position is 1 for next."""
+
+    position: int | None
+    workers: int
+
+
+FollowEvent = Event | Waiting
+
+
+class ReplyText:
+    """The text of a reply as its events arrive; a new attempt (a retried job) starts it over."""
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.text = ""
+
+    def feed(self, event: FollowEvent) -> str:
+        if isinstance(event, Start) and event.attempt != self.attempt:
+            self.attempt, self.text = event.attempt, ""
+        elif isinstance(event, Chunk) and event.attempt == self.attempt:
+            self.text += event.text
+        elif isinstance(event, Done):
+            self.text = event.text
+        return self.text
+
+
+class TurnClient:
+    def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.r = connection if connection is not None else connect(settings.redis_url)
+        self.store = SessionStore(self.r, settings.session_ttl, settings.stream_ttl, settings.stream_maxlen)
+        self.queue = Queue(settings.queue, connection=self.r, serializer=JSONSerializer)
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def clean_text(self, text: str | None) -> str:
+        text = (text or "").strip()
+        if not text:
+            raise BadInput("Your message is empty: type something for the bot to answer.")
+        if len(text) > self.settings.max_input_chars:
+            raise BadInput(
+                f"Your message is {len(text)} characters long; the limit is {self.settings.max_input_chars}. "
+                "Please shorten it."
+            )
+        return text
+
+    def clean_title(self, title: str | None) -> str:
+        title = " ".join((title or "").split())
+        if not title:
+            raise BadInput('A story needs a title, for example: /story The Lost Crown')
+        if len(title) > self.settings.max_title_chars:
+            raise BadInput(
+                f"That title is {len(title)} characters long; the limit is {self.settings.max_title_chars}. "
+                "Please choose a shorter one."
+            )
+        return title
+
+    # -- turns ----------------------------------------------------------------------------------
+
+    def say(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None) -> Submitted:
+        """A message in the channel: a chat turn, or the next action of the channel's story."""
+        text = self.clean_text(text)
+        mode = self.store.mode(channel)
+        if mode is Mode.STORY:
+            story = self.store.get(channel, Mode.STORY)
+            if story is not None:
+                return self._submit(channel, story, story_action(text, story.choices), text, user, reply_to)
+            self.store.set_mode(channel, Mode.CHAT)  # the story expired: back to chat
+        return self._submit(channel, self.store.chat(channel), text, text, user, reply_to)
+
+    def chat(self, channel: str, text: str | None, **kw) -> Submitted:
+        """A chat turn, whatever the channel's mode was (a running story is kept)."""
+        text = self.clean_text(text)
+        return self._submit(channel, self.store.chat(channel), text, text, kw.get("user"), kw.get("reply_to"))
+
+    def start_story(self, channel: str, title: str | None, *, user: str | None = None, reply_to: dict | None = None) -> Submitted:
+        """A new story from its title; its first passage is the reply."""
+        title = self.clean_title(title)
+        self._check_free(channel)
+        story = self.store.start_story(channel, title)
+        return self._submit(channel, story, "", f"/story {title}", user, reply_to)
+
+    def end_story(self, channel: str) -> Session | None:
+        return self.store.end_story(channel)
+
+    def reset(self, channel: str) -> bool:
+        """Forget the channel's conversation and story; False when there was nothing to forget."""
+        job_id = self.store.turn_in_flight(channel)
+        if job_id:
+            self.cancel(job_id)
+            self.store.release_turn(channel, job_id)
+        return self.store.reset(channel)
+
+    def _check_free(self, channel: str) -> None:
+        current = self.store.turn_in_flight(channel)
+        if current and not self._settled(current):
+            raise ChannelBusy("The bot is still writing its last reply here; wait for it, or cancel it.", current)
+
+    def _settled(self, job_id: str) -> bool:
+        """True when the job holding a channel has ended for good (then the channel is freed)."""
+        try:
+            job = Job.fetch(job_id, connection=self.r, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return not self.r.exists(stream_key(job_id))  # gone and never started: a stale claim
+        return job.get_status() in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, JobStatus.FINISHED)
+
+    def _submit(
+        self, channel: str, session: Session, text: str, user_text: str, user: str | None, reply_to: dict | None
+    ) -> Submitted:
+        s = self.settings
+        request = TurnRequest(
+            channel=channel,
+            mode=session.mode,
+            session_id=session.id,
+            text=text,
+            user_text=user_text,
+            job_id=new_id(),
+            title=session.title,
+            user=user,
+            reply_to=reply_to or {},
+        )
+        hold = s.job_timeout * (s.job_retries + 1) + 120  # the claim outlives every attempt, then lapses
+        current = self.store.claim_turn(channel, request.job_id, hold)
+        if current is not None:
+            if not self._settled(current):
+                raise ChannelBusy("The bot is still writing its last reply here; wait for it, or cancel it.", current)
+            self.store.release_turn(channel, current)
+            if self.store.claim_turn(channel, request.job_id, hold) is not None:
+                raise ChannelBusy("Another message got here first; try again in a moment.", current)
+        self.queue.enqueue(
+            JOB_FUNCTION,
+            request.to_json(),
+            job_id=request.job_id,
+            job_timeout=s.job_timeout,
+            retry=Retry(max=s.job_retries, enqueue_at_front=True) if s.job_retries else None,
+            result_ttl=s.stream_ttl,
+            failure_ttl=s.session_ttl,
+            description=f"{session.mode.value} turn in {channel}",
+        )
+        self.store.touch(channel)
+        logger.info("enqueued job %s: %s turn in %s", request.job_id, session.mode.value, channel)
+        return Submitted(job_id=request.job_id, request=request, session=session)
+
+    # -- following ------------------------------------------------------------------------------
+
+    def follow(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0) -> Iterator[FollowEvent]:
+        """The reply's events in order, ending with Done or Error; Waiting while the job has not started.
+
+        A job that failed for good without saying so (its last worker died) ends with an Error, and a
+        follower that waits longer than `timeout` seconds gets one too.
+        """
+        key = stream_key(job_id)
+        last = "0-0"
+        started = False
+        deadline = time.monotonic() + timeout if timeout else None
+        next_check = 0.0
+        while True:
+            resp = self.r.xread({key: last}, block=int(poll * 1000), count=200)
+            for _, entries in resp or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = decode_event(fields[EVENT_FIELD.encode()])
+                    if isinstance(event, Start):
+                        started = True
+                    yield event
+                    if isinstance(event, (Done, Error)):
+                        return
+            now = time.monotonic()
+            if deadline and now > deadline:
+                yield Error(code="timeout", message="The reply is taking too long; it will not be shown here.")
+                return
+            if now >= next_check:
+                next_check = now + 2 * poll
+                ended = self._ended_without_reply(job_id)
+                if ended:
+                    yield ended
+                    return
+                if not started:
+                    yield Waiting(position=self.position(job_id), workers=self.workers_alive())
+
+    def _ended_without_reply(self, job_id: str) -> Error | None:
+        try:
+            job = Job.fetch(job_id, connection=self.r, serializer=JSONSerializer)
+        except NoSuchJobError:
+            if self.r.xlen(stream_key(job_id)):
+                return None  # the stream has it all; the done event is on its way
+            return Error(code="lost", message="This reply was lost (its job no longer exists). Please send it again.")
+        status = job.get_status()
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            if self.r.xlen(stream_key(job_id)) and self._stream_has_end(job_id):
+                return None
+            request_channel = (job.args[0] or {}).get("channel") if job.args else None
+            if request_channel:
+                self.store.release_turn(request_channel, job_id)
+            why = "was cancelled" if status is not JobStatus.FAILED else "failed"
+            return Error(code=str(status.value), message=f"The reply {why}. Please try again.")
+        return None
+
+    def _stream_has_end(self, job_id: str) -> bool:
+        last = self.r.xrevrange(stream_key(job_id), count=1)
+        if not last:
+            return False
+        return isinstance(decode_event(last[0][1][EVENT_FIELD.encode()]), (Done, Error))
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the worker to stop this reply (it ends with what it wrote so far); drop it if not started."""
+        self.r.set(cancel_key(job_id), 1, ex=self.settings.stream_ttl)
+        try:
+            job = Job.fetch(job_id, connection=self.r, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return
+        if job.get_status() is JobStatus.QUEUED:
+            job.cancel()
+
+    # -- the queue ------------------------------------------------------------------------------
+
+    def position(self, job_id: str) -> int | None:
+        pos = self.queue.get_job_position(job_id)
+        return None if pos is None else pos + 1
+
+    def workers_alive(self) -> int:
+        return len(Worker.all(queue=self.queue))
+
+    def status(self) -> dict[str, object]:
+        workers = Worker.all(queue=self.queue)
+        return {
+            "queue": self.queue.name,
+            "queued": self.queue.count,
+            "running": StartedJobRegistry(queue=self.queue).count,
+            "failed": FailedJobRegistry(queue=self.queue).count,
+            "workers": [
+                {"name": w.name, "state": str(w.get_state()), "job": w.get_current_job_id()} for w in workers
+            ],
+        }

@@ -1,0 +1,128 @@
+"""Prompts, story choices, and fitting a conversation into the model's context."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+Message = dict[str, str]
+
+CHAT_SYSTEM_PROMPT = (
+    "You are Shallow, a friendly and helpful assistant chatting with members of an online community. "
+    "Answer clearly and briefly, in plain text, and say so when you do not know something."
+)
+
+STORY_SYSTEM_PROMPT = (
+    'You are the storyteller of an interactive choose-your-own-adventure story titled "{title}". '
+    'Tell it in the second person ("you"), one short passage at a time, and continue from what the reader '
+    "chooses. Keep the adventure going: never end the story and never decide for the reader. "
+    'End every passage with the line "What do you do?" followed by two to four numbered choices, one per line, '
+    "for example:\n1. Open the iron door\n2. Follow the footprints\n3. Call out into the dark"
+)
+
+STORY_BEGIN = 'Begin the story "{title}".'
+STORY_CHOICE = "I choose: {choice}"
+# What the worker appends when the model wrote a passage without choices: it then writes them one by one.
+CHOICES_LEAD = "\n\nWhat do you do?\n"
+
+MIN_CHOICES, MAX_CHOICES = 2, 4
+
+_CHOICE_LINE = re.compile(r"^\s*(?:\*\*)?\(?([1-9])[.):]\)?(?:\*\*)?\s+(.+?)\s*$")
+_WHAT_NOW = re.compile(r"\s*(?:\*\*)?what (?:do|will) you do(?: next)?\??(?:\*\*)?\s*$", re.IGNORECASE)
+
+
+def story_system_prompt(title: str) -> str:
+    return STORY_SYSTEM_PROMPT.format(title=title)
+
+
+def story_action(text: str, choices: Sequence[str]) -> str:
+    """Turn what the reader typed into the storyteller's next user message: a number picks a choice."""
+    stripped = text.strip().rstrip(".")
+    if stripped.isdigit() and 1 <= int(stripped) <= len(choices):
+        return STORY_CHOICE.format(choice=choices[int(stripped) - 1])
+    return text.strip()
+
+
+def clean_choice(text: str) -> str:
+    """One generated choice line, tidied: first line only, no markup, no trailing list numbers."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line.strip(" *_`\"'")
+    return re.sub(r"\s+\d[.)]?$", "", line).strip()
+
+
+def parse_choices(text: str) -> tuple[str, list[str]]:
+    """Split a passage into its story text and the 2-4 numbered choices that end it.
+
+    Returns (passage, choices); choices is empty when the text does not end with a numbered list
+    starting at 1. Only the last list counts: a numbered list inside the story is not a menu.
+    """
+    lines = text.rstrip().splitlines()
+    end = len(lines)
+    while end and not lines[end - 1].strip():
+        end -= 1
+    run: list[tuple[int, str]] = []
+    i = end - 1
+    while i >= 0:
+        m = _CHOICE_LINE.match(lines[i])
+        if not m:
+            break
+        run.append((int(m.group(1)), m.group(2)))
+        i -= 1
+    run.reverse()
+    numbers = [n for n, _ in run]
+    if len(run) < MIN_CHOICES or numbers != list(range(1, len(run) + 1)):
+        return text.strip(), []
+    choices = [clean_choice(c) for _, c in run][:MAX_CHOICES]
+    if any(not c for c in choices):
+        return text.strip(), []
+    passage_lines = lines[: i + 1]
+    while passage_lines and (not passage_lines[-1].strip() or _WHAT_NOW.match(passage_lines[-1])):
+        passage_lines.pop()
+    return "\n".join(passage_lines).strip(), choices
+
+
+def render_choices(choices: Sequence[str]) -> str:
+    return "\n".join(f"{n}. {c}" for n, c in enumerate(choices, 1))
+
+
+def fit_messages(
+    system: str,
+    history: Sequence[Message],
+    user_text: str,
+    count_tokens: Callable[[list[Message]], int],
+    budget: int,
+) -> list[Message]:
+    """The longest recent history that keeps the prompt within `budget` tokens of the model's own.
+
+    `count_tokens` counts a whole prompt as the model will see it (chat template and generation
+    prompt included). History is dropped from the oldest end, a user/assistant pair at a time so the
+    prompt never opens with a reply; if the system prompt and the new message alone are too long,
+    the new message is cut from its start, keeping its end (the question is usually last).
+    """
+
+    def build(keep: int, text: str) -> list[Message]:
+        kept = list(history[len(history) - keep :]) if keep else []
+        return [{"role": "system", "content": system}, *kept, {"role": "user", "content": text}]
+
+    # Candidate history lengths: whole pairs counted from the end, so the kept part starts at a user turn.
+    candidates = [k for k in range(len(history), 0, -1) if history[len(history) - k]["role"] == "user"]
+    lo, hi = 0, len(candidates)  # find the longest candidate that fits; fewer messages never cost more
+    if candidates and count_tokens(build(candidates[-1], user_text)) <= budget:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if count_tokens(build(candidates[mid], user_text)) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        return build(candidates[lo], user_text)
+
+    text = user_text
+    while True:
+        messages = build(0, text)
+        total = count_tokens(messages)
+        if total <= budget or not text:
+            if total > budget:
+                raise ValueError(f"the system prompt alone needs {total} tokens, over the budget of {budget}")
+            return messages
+        over = total - budget
+        # drop about 4 characters a token over, at least a few, from the start
+        text = text[min(len(text), max(8, over * 4)) :]

@@ -1,0 +1,217 @@
+"""The session store in Redis: per-channel chat history and story sessions.
+
+Keys, per channel (a channel is "console:<name>", "discord:<id>", "telegram:<id>", ...):
+
+    shallow:s:<channel>:mode            "chat" or "story": what a plain message in the channel is
+    shallow:s:<channel>:<mode>          hash: id, title, choices (JSON), created_at, turns
+    shallow:s:<channel>:<mode>:turns    list of JSON messages {role, content, job_id, at}
+    shallow:s:<channel>:inflight        the job id of the reply being written (one turn at a time)
+
+Every key expires `session_ttl` seconds after the channel was last used. The worker commits a reply
+with one Lua script, so the user's turn, the reply, the story's new choices, the done event on the
+reply stream and the marker that makes a retried job a no-op land together or not at all.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from shared.protocol import EVENT_FIELD, Mode, done_key, new_id, stream_key
+from shared.prompts import Message
+
+_COMMIT = """
+-- KEYS: done marker, session hash, turns list, reply stream, inflight key
+-- ARGV: job id, session id, user turn, reply turn, choices JSON or '', done event,
+--       done ttl, session ttl, stream ttl, stream maxlen, stream field name
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[7])) then
+  return 0
+end
+if redis.call('HGET', KEYS[2], 'id') == ARGV[2] then
+  redis.call('RPUSH', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('HINCRBY', KEYS[2], 'turns', 1)
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'choices', ARGV[5]) end
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[10], '*', ARGV[11], ARGV[6])
+redis.call('EXPIRE', KEYS[4], tonumber(ARGV[9]))
+if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+return 1
+"""
+
+
+def _key(channel: str, *parts: str) -> str:
+    return ":".join(("shallow:s", channel, *parts))
+
+
+@dataclass(frozen=True)
+class Session:
+    """One conversation in a channel: a chat, or a story with its title and the choices last offered."""
+
+    channel: str
+    mode: Mode
+    id: str
+    title: str | None = None
+    choices: list[str] = field(default_factory=list)
+    turns: int = 0  # completed user/assistant exchanges
+    created_at: float = 0.0
+
+
+class SessionStore:
+    def __init__(self, connection: redis.Redis, ttl: int, stream_ttl: int = 3600, stream_maxlen: int = 4000) -> None:
+        self.r = connection
+        self.ttl = ttl
+        self.stream_ttl = stream_ttl
+        self.stream_maxlen = stream_maxlen
+        self._commit = connection.register_script(_COMMIT)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def mode(self, channel: str) -> Mode:
+        raw = self.r.get(_key(channel, "mode"))
+        return Mode(raw.decode()) if raw else Mode.CHAT
+
+    def get(self, channel: str, mode: Mode) -> Session | None:
+        data = self.r.hgetall(_key(channel, mode.value))
+        if not data or b"id" not in data:
+            return None
+        d = {k.decode(): v.decode() for k, v in data.items()}
+        return Session(
+            channel=channel,
+            mode=mode,
+            id=d["id"],
+            title=d.get("title") or None,
+            choices=json.loads(d.get("choices") or "[]"),
+            turns=int(d.get("turns") or 0),
+            created_at=float(d.get("created_at") or 0),
+        )
+
+    def history(self, channel: str, mode: Mode) -> list[Message]:
+        raw = self.r.lrange(_key(channel, mode.value, "turns"), 0, -1)
+        out = []
+        for item in raw:
+            turn = json.loads(item)
+            out.append({"role": turn["role"], "content": turn["content"]})
+        return out
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def _create(self, channel: str, mode: Mode, title: str | None = None) -> Session:
+        session = Session(channel=channel, mode=mode, id=new_id(), title=title, created_at=time.time())
+        key = _key(channel, mode.value)
+        mapping = {"id": session.id, "title": title or "", "choices": "[]", "turns": 0, "created_at": session.created_at}
+        with self.r.pipeline() as p:
+            p.delete(key, _key(channel, mode.value, "turns"))
+            p.hset(key, mapping=mapping)
+            p.expire(key, self.ttl)
+            p.set(_key(channel, "mode"), mode.value, ex=self.ttl)
+            p.execute()
+        return session
+
+    def chat(self, channel: str) -> Session:
+        """The channel's chat session, created on first use; the channel's mode becomes chat."""
+        session = self.get(channel, Mode.CHAT) or self._create(channel, Mode.CHAT)
+        self.r.set(_key(channel, "mode"), Mode.CHAT.value, ex=self.ttl)
+        return session
+
+    def start_story(self, channel: str, title: str) -> Session:
+        """A new story in the channel, replacing any story there; the channel's mode becomes story."""
+        return self._create(channel, Mode.STORY, title)
+
+    def end_story(self, channel: str) -> Session | None:
+        """End the channel's story; returns it, or None when there was none. The channel goes back to chat."""
+        story = self.get(channel, Mode.STORY)
+        with self.r.pipeline() as p:
+            p.delete(_key(channel, "story"), _key(channel, "story", "turns"))
+            p.set(_key(channel, "mode"), Mode.CHAT.value, ex=self.ttl)
+            p.execute()
+        return story
+
+    def set_mode(self, channel: str, mode: Mode) -> None:
+        self.r.set(_key(channel, "mode"), mode.value, ex=self.ttl)
+
+    def reset(self, channel: str) -> bool:
+        """Forget the channel's chat and story. Returns False when there was nothing to forget."""
+        keys = [_key(channel, m.value, *s) for m in Mode for s in ((), ("turns",))] + [_key(channel, "mode")]
+        return bool(self.r.delete(*keys))
+
+    def touch(self, channel: str) -> None:
+        with self.r.pipeline() as p:
+            for m in Mode:
+                p.expire(_key(channel, m.value), self.ttl)
+                p.expire(_key(channel, m.value, "turns"), self.ttl)
+            p.expire(_key(channel, "mode"), self.ttl)
+            p.execute()
+
+    # --- one turn at a time --------------------------------------------------------------------
+
+    def claim_turn(self, channel: str, job_id: str, ttl: int) -> str | None:
+        """Mark `job_id` as the channel's reply in progress. Returns the job id already there, if any."""
+        key = _key(channel, "inflight")
+        if self.r.set(key, job_id, nx=True, ex=ttl):
+            return None
+        current = self.r.get(key)
+        if current is None:  # it was released between the two calls
+            return self.claim_turn(channel, job_id, ttl)
+        return current.decode()
+
+    def turn_in_flight(self, channel: str) -> str | None:
+        raw = self.r.get(_key(channel, "inflight"))
+        return raw.decode() if raw else None
+
+    def release_turn(self, channel: str, job_id: str) -> None:
+        """Free the channel, if `job_id` still holds it."""
+        key = _key(channel, "inflight")
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(key)
+                    if p.get(key) != job_id.encode():
+                        return
+                    p.multi()
+                    p.delete(key)
+                    p.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    def commit_reply(
+        self,
+        *,
+        channel: str,
+        mode: Mode,
+        session_id: str,
+        job_id: str,
+        user_text: str,
+        reply: str,
+        choices: list[str] | None,
+        done_event: str,
+    ) -> bool:
+        """Write the exchange and the done event, once. False when this job was already committed."""
+        now = time.time()
+        user_turn = json.dumps({"role": "user", "content": user_text, "job_id": job_id, "at": now}, ensure_ascii=False)
+        reply_turn = json.dumps({"role": "assistant", "content": reply, "job_id": job_id, "at": now}, ensure_ascii=False)
+        keys = [
+            done_key(job_id),
+            _key(channel, mode.value),
+            _key(channel, mode.value, "turns"),
+            stream_key(job_id),
+            _key(channel, "inflight"),
+        ]
+        args = [
+            job_id,
+            session_id,
+            user_turn,
+            reply_turn,
+            json.dumps(choices, ensure_ascii=False) if choices is not None else "",
+            done_event,
+            max(self.ttl, self.stream_ttl),
+            self.ttl,
+            self.stream_ttl,
+            self.stream_maxlen,
+            EVENT_FIELD,
+        ]
+        return bool(self._commit(keys=keys, args=args))

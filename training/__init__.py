@@ -1,0 +1,1 @@
+"""Training: SFT with checkpoint resume, data loading, the hyperparameter sweep, export (issue 5)."""

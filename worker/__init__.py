@@ -1,0 +1,1 @@
+"""The worker process, its job functions, and the generation backends."""

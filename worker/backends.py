@@ -1,0 +1,273 @@
+"""Generation backends behind one small interface: count a prompt's tokens, stream a reply.
+
+`transformers` runs anywhere (CPU, or CUDA with a 4-bit base through bitsandbytes, adapter through
+peft); `unsloth` runs on CUDA (FastLanguageModel in 4-bit, `for_inference`). `auto` picks unsloth when
+CUDA and unsloth are both there. unsloth and bitsandbytes are imported only on that path.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ConfigError, ModelNotFound
+from shared.models import resolve_model
+from shared.prompts import Message
+from shared.settings import GenerationSettings, Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTEXT = 8192  # the cap on the model's own context: KV memory, and far beyond any chat here
+
+
+@dataclass
+class Generation:
+    """One streamed generation: iterate for text pieces; the counts are set when it ends."""
+
+    pieces: Iterator[str]
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # stop | length | cancelled
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pieces)
+
+
+class Backend:
+    """What the worker needs from a model. Subclasses load it; the streaming is shared."""
+
+    name = "base"
+
+    def __init__(self, model, tokenizer, device: str, context_tokens: int, description: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.context_tokens = context_tokens
+        self.description = description
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def encode(self, messages: list[Message], *, continue_final: bool = False) -> list[int]:
+        out = self.tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+            tokenize=True,
+            return_dict=True,
+        )
+        return list(out["input_ids"])
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.encode(messages))
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def stream(
+        self,
+        messages: list[Message],
+        gen: GenerationSettings,
+        *,
+        max_new_tokens: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        continue_final: bool = False,
+        stop_at_newline: bool = False,
+    ) -> Generation:
+        """Start generating in a thread; the returned Generation yields text as it is decoded."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        ids = self.encode(messages, continue_final=continue_final)
+        prompt_len = len(ids)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        tokenizer = self.tokenizer
+        cancelled = threading.Event()
+        abandoned = threading.Event()  # the consumer went away (timeout, error): stop at the next step
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001 - transformers' signature
+                if abandoned.is_set() or should_stop():
+                    cancelled.set()
+                    return True
+                if stop_at_newline:
+                    text = tokenizer.decode(input_ids[0, prompt_len:], skip_special_tokens=True)
+                    return bool(text.strip()) and "\n" in text.lstrip()
+                return False
+
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([Stop()]),
+            repetition_penalty=gen.repetition_penalty,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        if gen.temperature > 0:
+            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+        result: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    out = self.model.generate(**kwargs)
+                result["new_tokens"] = int(out.shape[1]) - prompt_len
+            except BaseException as exc:  # handed to the consumer, which raises it in the job
+                result["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="generate", daemon=True)
+        generation = Generation(pieces=iter(()), prompt_tokens=prompt_len)
+
+        def pieces() -> Iterator[str]:
+            thread.start()
+            try:
+                for text in streamer:
+                    if text:
+                        yield text
+            finally:
+                if thread.is_alive():
+                    abandoned.set()
+                thread.join()
+            if "error" in result:
+                raise result["error"]  # type: ignore[misc]
+            n = int(result.get("new_tokens", 0))
+            generation.completion_tokens = n
+            if cancelled.is_set():
+                generation.finish_reason = "cancelled"
+            elif n >= max_new_tokens:
+                generation.finish_reason = "length"
+
+        generation.pieces = pieces()
+        return generation
+
+
+def _pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"SHALLOW_DEVICE={requested} but CUDA is not available on this machine")
+    return requested
+
+
+def _context(settings: Settings, config) -> int:
+    own = int(getattr(config, "max_position_embeddings", 0) or MAX_CONTEXT)
+    return settings.context_tokens or min(own, MAX_CONTEXT)
+
+
+def _tokenizer_source(base: str, adapter: str | None) -> str:
+    """An adapter folder saved with its tokenizer (the lab's was) carries the chat template it was trained on."""
+    if adapter and Path(adapter).is_dir() and (Path(adapter) / "tokenizer_config.json").exists():
+        return adapter
+    return base
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    @classmethod
+    def load(cls, settings: Settings) -> TransformersBackend:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base = resolve_model(settings.base_model, settings.cache_dir, "base model")
+        adapter = resolve_model(settings.adapter, settings.cache_dir, "adapter") if settings.adapter else None
+        device = _pick_device(settings.device)
+        kwargs: dict[str, object] = {}
+        if device.startswith("cuda"):
+            kwargs["device_map"] = {"": device}
+            if settings.load_in_4bit:
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_compute_dtype=torch.bfloat16,
+                    bnb_4bit_use_double_quant=True,
+                )
+            kwargs["dtype"] = torch.bfloat16
+        else:
+            kwargs["dtype"] = torch.float32  # bf16 matmuls are slower than fp32 on most CPUs
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(base, adapter))
+            model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        except OSError as exc:
+            raise ModelNotFound(f"Cannot load the base model {base!r}: {exc}") from None
+        if adapter:
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, adapter)
+            except (OSError, ValueError) as exc:
+                raise ModelNotFound(f"Cannot load the adapter {adapter!r}: {exc}") from None
+        if device == "cpu":
+            model.to("cpu")
+        model.eval()
+        if not tokenizer.chat_template:
+            raise ConfigError(f"The tokenizer of {base!r} has no chat template; shallow needs a chat (instruct) model.")
+        desc = f"{base}" + (f" + adapter {adapter}" if adapter else "") + f" on {device}"
+        return cls(model, tokenizer, device, _context(settings, model.config), desc)
+
+
+class UnslothBackend(Backend):
+    name = "unsloth"
+
+    @classmethod
+    def load(cls, settings: Settings) -> UnslothBackend:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("SHALLOW_BACKEND=unsloth needs CUDA; use transformers on this machine")
+        try:
+            from unsloth import FastLanguageModel  # imported only here: it needs CUDA
+        except ImportError as exc:
+            raise ConfigError(f"SHALLOW_BACKEND=unsloth but unsloth cannot be imported ({exc}); pip install '.[gpu]'") from None
+        base = resolve_model(settings.base_model, settings.cache_dir, "base model")
+        adapter = resolve_model(settings.adapter, settings.cache_dir, "adapter") if settings.adapter else None
+        max_seq = settings.context_tokens or MAX_CONTEXT
+        try:
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                model_name=base, max_seq_length=max_seq, load_in_4bit=settings.load_in_4bit, dtype=None
+            )
+        except OSError as exc:
+            raise ModelNotFound(f"Cannot load the base model {base!r}: {exc}") from None
+        if adapter:
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, adapter)
+            except (OSError, ValueError) as exc:
+                raise ModelNotFound(f"Cannot load the adapter {adapter!r}: {exc}") from None
+            if (Path(adapter) / "tokenizer_config.json").exists():
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(adapter)
+        FastLanguageModel.for_inference(model)
+        desc = f"{base}" + (f" + adapter {adapter}" if adapter else "") + " on cuda (unsloth)"
+        return cls(model, tokenizer, "cuda", min(_context(settings, model.config), max_seq), desc)
+
+
+def unsloth_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None
+
+
+def load_backend(settings: Settings) -> Backend:
+    """The backend that SHALLOW_BACKEND names, loaded once; `auto` takes unsloth when it can."""
+    choice = settings.backend
+    if choice == "auto":
+        choice = "unsloth" if unsloth_available() else "transformers"
+    cls = UnslothBackend if choice == "unsloth" else TransformersBackend
+    backend = cls.load(settings)
+    logger.info("loaded %s backend: %s (context %d tokens)", backend.name, backend.description, backend.context_tokens)
+    return backend

@@ -1,0 +1,241 @@
+"""The job function the queue runs: one user turn in, one streamed reply out.
+
+Safe to run twice: a job whose reply was already committed does nothing, and a retried attempt
+announces itself on the stream (a `start` event with a higher attempt number) so followers replace the
+partial text of the attempt that died.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from rq import get_current_job
+
+from shared.protocol import (
+    EVENT_FIELD,
+    Chunk,
+    Done,
+    Error,
+    Event,
+    Mode,
+    ProtocolError,
+    Start,
+    TurnRequest,
+    cancel_key,
+    done_key,
+    encode_event,
+    stream_key,
+)
+from shared.prompts import (
+    CHAT_SYSTEM_PROMPT,
+    CHOICES_LEAD,
+    MAX_CHOICES,
+    MIN_CHOICES,
+    STORY_BEGIN,
+    clean_choice,
+    fit_messages,
+    Message,
+    parse_choices,
+    story_system_prompt,
+)
+from shared.sessions import SessionStore
+from shared.settings import Settings
+from worker.backends import Backend
+
+logger = logging.getLogger(__name__)
+
+FORCED_CHOICES = 3  # when the model writes none itself: three, one line each
+CHOICE_TRIES = 2  # a choice that comes out empty is asked for once more
+
+
+@dataclass
+class Runtime:
+    """What the worker process holds for its jobs: loaded once, before the first job."""
+
+    settings: Settings
+    backend: Backend
+    connection: redis.Redis
+    store: SessionStore
+    name: str = socket.gethostname()
+
+
+_runtime: Runtime | None = None
+
+
+def install(runtime: Runtime) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("worker.jobs.run_turn runs only inside `shallow worker`, which loads the model first")
+    return _runtime
+
+
+class Stream:
+    """The reply stream of one job: bounded, expiring, one JSON event per entry."""
+
+    def __init__(self, rt: Runtime, job_id: str) -> None:
+        self.r = rt.connection
+        self.key = stream_key(job_id)
+        self.cancel = cancel_key(job_id)
+        self.ttl = rt.settings.stream_ttl
+        self.maxlen = rt.settings.stream_maxlen
+
+    def emit(self, event: Event) -> None:
+        with self.r.pipeline(transaction=False) as p:
+            p.xadd(self.key, {EVENT_FIELD: encode_event(event)}, maxlen=self.maxlen, approximate=True)
+            p.expire(self.key, self.ttl)
+            p.execute()
+
+    def cancelled(self) -> bool:
+        return bool(self.r.exists(self.cancel))
+
+
+def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
+    """Generate the reply to one turn, streaming it, and commit it to the session once."""
+    rt = runtime()
+    job = get_current_job()
+    job_id = job.id if job else str(payload.get("job_id", "unknown"))
+    stream = Stream(rt, job_id)
+    try:
+        req = TurnRequest.from_json(payload)
+    except ProtocolError as exc:
+        logger.warning("job %s: refused payload: %s", job_id, exc)
+        stream.emit(Error(code="bad_request", message=f"This request could not be read: {exc}"))
+        return {"error": str(exc)}
+    if rt.connection.exists(done_key(req.job_id)):
+        logger.info("job %s: reply already committed; nothing to do", req.job_id)
+        return {"status": "already_done"}
+
+    attempt = int(rt.connection.incr(f"shallow:attempt:{req.job_id}"))
+    rt.connection.expire(f"shallow:attempt:{req.job_id}", rt.settings.stream_ttl)
+    final_attempt = job is None or not job.retries_left
+    stream.emit(Start(attempt=attempt, worker=job.worker_name if job and job.worker_name else rt.name))
+    logger.info("job %s: %s turn in %s (attempt %d)", req.job_id, req.mode.value, req.channel, attempt)
+    started = time.monotonic()
+    try:
+        done = _generate(rt, req, stream, attempt)
+    except Exception:
+        logger.exception("job %s: generation failed (attempt %d)", req.job_id, attempt)
+        if final_attempt:
+            stream.emit(Error(code="model_error", message="The model failed to write this reply. Please try again."))
+            rt.store.release_turn(req.channel, req.job_id)
+        raise  # RQ retries it while retries are left
+    committed = rt.store.commit_reply(
+        channel=req.channel,
+        mode=req.mode,
+        session_id=req.session_id,
+        job_id=req.job_id,
+        user_text=req.user_text,
+        reply=done.text,
+        choices=done.choices if req.mode is Mode.STORY else None,
+        done_event=encode_event(done),
+    )
+    elapsed = time.monotonic() - started
+    logger.info(
+        "job %s: %s, %d prompt + %d new tokens in %.1fs (%.1f tokens/s)%s",
+        req.job_id, done.finish_reason, done.prompt_tokens, done.completion_tokens, elapsed,
+        done.completion_tokens / elapsed if elapsed else 0.0, "" if committed else " (already committed by another attempt)",
+    )
+    return {"text": done.text, "choices": done.choices, "completion_tokens": done.completion_tokens}
+
+
+def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int) -> Done:
+    s = rt.settings
+    backend = rt.backend
+    max_new = min(req.max_new_tokens or s.generation.max_new_tokens, s.generation.max_new_tokens)
+    budget = backend.context_tokens - max_new
+    if req.mode is Mode.STORY:
+        system = story_system_prompt(req.title or "Untitled")
+        text = req.text or STORY_BEGIN.format(title=req.title or "Untitled")
+    else:
+        system = CHAT_SYSTEM_PROMPT
+        text = req.text
+    history = rt.store.history(req.channel, req.mode)
+    messages = fit_messages(system, history, text, backend.count_tokens, budget)
+
+    parts: list[str] = []  # every chunk streamed, so the final text is exactly what followers saw
+    last_cancel_check = 0.0
+
+    def should_stop() -> bool:
+        nonlocal last_cancel_check
+        now = time.monotonic()
+        if now - last_cancel_check < 0.25:  # one Redis round trip every quarter second at most
+            return False
+        last_cancel_check = now
+        return stream.cancelled()
+
+    def emit(piece: str) -> None:
+        parts.append(piece)
+        stream.emit(Chunk(text=piece, attempt=attempt))
+
+    gen = backend.stream(messages, s.generation, max_new_tokens=max_new, should_stop=should_stop)
+    try:
+        for piece in gen:
+            emit(piece)
+    finally:
+        gen.pieces.close()  # type: ignore[attr-defined]
+    reply = "".join(parts)
+    completion_tokens = gen.completion_tokens
+    choices: list[str] = []
+    if req.mode is Mode.STORY and gen.finish_reason != "cancelled":
+        _, choices = parse_choices(reply)
+        if not choices:
+            # The model wrote no menu: ask for the choices one line at a time, each prompted with its number.
+            choices, extra = _force_choices(rt, messages, reply.rstrip(), emit, should_stop)
+            completion_tokens += extra
+    return Done(
+        text="".join(parts).strip(),
+        prompt_tokens=gen.prompt_tokens,
+        completion_tokens=completion_tokens,
+        choices=choices,
+        finish_reason=gen.finish_reason,
+        attempt=attempt,
+    )
+
+
+def _force_choices(
+    rt: Runtime, messages: list[Message], passage: str, emit: Callable[[str], None], should_stop: Callable[[], bool]
+) -> tuple[list[str], int]:
+    """Numbered choices for a passage that has none: each line is prompted with its number and generated."""
+    written = passage + CHOICES_LEAD
+    emit(written[len(passage) :] if passage else CHOICES_LEAD.lstrip())
+    choices: list[str] = []
+    tokens = 0
+    for n in range(1, FORCED_CHOICES + 1):
+        choice = ""
+        prefix = ("\n" if choices else "") + f"{n}. "
+        for _ in range(CHOICE_TRIES):
+            msgs = [*messages, {"role": "assistant", "content": written + prefix}]
+            gen = rt.backend.stream(
+                msgs,
+                rt.settings.generation,
+                max_new_tokens=rt.settings.generation.choice_max_tokens,
+                should_stop=should_stop,
+                continue_final=True,
+                stop_at_newline=True,
+            )
+            try:
+                text = "".join(gen)
+            finally:
+                gen.pieces.close()  # type: ignore[attr-defined]
+            tokens += gen.completion_tokens
+            choice = clean_choice(text)
+            if choice or gen.finish_reason == "cancelled":
+                break
+        if not choice:
+            break
+        line = prefix + choice
+        emit(line)
+        written += line
+        choices.append(choice)
+    if len(choices) < MIN_CHOICES:
+        return [], tokens
+    return choices[:MAX_CHOICES], tokens
