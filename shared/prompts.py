@@ -43,10 +43,9 @@ def story_action(text: str, choices: Sequence[str]) -> str:
 
 
 def clean_choice(text: str) -> str:
-    """One generated choice line, tidied: first line only, no markup, no trailing list numbers."""
+    """One generated choice line, tidied: first line only, no markup or quotes around it."""
     line = text.strip().splitlines()[0] if text.strip() else ""
-    line = line.strip(" *_`\"'")
-    return re.sub(r"\s+\d[.)]?$", "", line).strip()
+    return line.strip(" *_`\"'").strip()
 
 
 def parse_choices(text: str) -> tuple[str, list[str]]:
@@ -115,14 +114,14 @@ def fit_messages(
                 lo = mid + 1
         return build(candidates[lo], user_text)
 
-    text = user_text
-    while True:
-        messages = build(0, text)
-        total = count_tokens(messages)
-        if total <= budget or not text:
-            if total > budget:
-                raise ValueError(f"the system prompt alone needs {total} tokens, over the budget of {budget}")
-            return messages
-        over = total - budget
-        # drop about 4 characters a token over, at least a few, from the start
-        text = text[min(len(text), max(8, over * 4)) :]
+    # Even the new message alone is too long: cut it from its start, as little as fits (binary search).
+    if count_tokens(build(0, "")) > budget:
+        raise ValueError(f"the system prompt alone is over the budget of {budget} tokens")
+    lo, hi = 0, len(user_text)  # the smallest cut whose remainder fits; cutting more never costs more
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_tokens(build(0, user_text[mid:])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return build(0, user_text[lo:])

@@ -1,0 +1,85 @@
+"""The session store against a real redis-server."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.protocol import Done, Mode, decode_event, encode_event, stream_key
+from shared.sessions import SessionStore
+
+
+@pytest.fixture
+def store(redis_proc) -> SessionStore:
+    return SessionStore(redis_proc.client(), ttl=600, stream_ttl=300)
+
+
+def _commit(store, session, job_id, user="hi", reply="hello", choices=None):
+    return store.commit_reply(
+        channel=session.channel, mode=session.mode, session_id=session.id, job_id=job_id,
+        user_text=user, reply=reply, choices=choices,
+        done_event=encode_event(Done(text=reply, prompt_tokens=5, completion_tokens=2, choices=choices or [])),
+    )
+
+
+def test_a_reply_is_committed_once(store):
+    chat = store.chat("c:1")
+    assert _commit(store, chat, "job1")
+    assert not _commit(store, chat, "job1", reply="a second attempt")  # a retried job writes nothing
+    assert store.history("c:1", Mode.CHAT) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    events = store.r.xrange(stream_key("job1"))
+    assert len(events) == 1 and decode_event(events[0][1][b"e"]).text == "hello"
+    assert store.get("c:1", Mode.CHAT).turns == 1
+
+
+def test_channels_and_modes_are_separate(store):
+    a, b = store.chat("c:a"), store.chat("c:b")
+    _commit(store, a, "j1", user="from a")
+    _commit(store, b, "j2", user="from b")
+    story = store.start_story("c:a", "The Lost Crown")
+    _commit(store, story, "j3", user="/story", reply="Once...", choices=["Run", "Hide"])
+    assert store.history("c:a", Mode.CHAT)[0]["content"] == "from a"
+    assert store.history("c:b", Mode.CHAT)[0]["content"] == "from b"
+    assert store.mode("c:a") is Mode.STORY and store.mode("c:b") is Mode.CHAT
+    got = store.get("c:a", Mode.STORY)
+    assert got.title == "The Lost Crown" and got.choices == ["Run", "Hide"] and got.turns == 1
+
+
+def test_a_reply_that_lands_after_a_reset_is_not_written_into_the_new_session(store):
+    old = store.chat("c:1")
+    assert store.reset("c:1")
+    store.chat("c:1")
+    assert _commit(store, old, "late-job")  # its stream still gets the done event...
+    assert store.history("c:1", Mode.CHAT) == []  # ...but the new session stays clean
+    assert store.r.xlen(stream_key("late-job")) == 1
+
+
+def test_reset_without_a_session_says_so(store):
+    assert store.reset("c:nothing") is False
+
+
+def test_end_story_returns_to_chat(store):
+    store.start_story("c:1", "T")
+    ended = store.end_story("c:1")
+    assert ended.title == "T"
+    assert store.mode("c:1") is Mode.CHAT and store.get("c:1", Mode.STORY) is None
+    assert store.end_story("c:1") is None
+
+
+def test_one_turn_at_a_time(store):
+    assert store.claim_turn("c:1", "j1", 60) is None
+    assert store.claim_turn("c:1", "j2", 60) == "j1"
+    store.release_turn("c:1", "j2")  # not the holder: no effect
+    assert store.turn_in_flight("c:1") == "j1"
+    chat = store.chat("c:1")
+    _commit(store, chat, "j1")  # committing the reply frees the channel
+    assert store.turn_in_flight("c:1") is None
+
+
+def test_sessions_expire_after_the_configured_time(store):
+    chat = store.chat("c:1")
+    _commit(store, chat, "j1")
+    for key in ("shallow:s:c:1:chat", "shallow:s:c:1:chat:turns", "shallow:s:c:1:mode"):
+        assert 0 < store.r.ttl(key) <= 600
+    turns = [json.loads(x) for x in store.r.lrange("shallow:s:c:1:chat:turns", 0, -1)]
+    assert [t["job_id"] for t in turns] == ["j1", "j1"]

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from shared.errors import ConfigError, RedisUnavailable
+from shared.redis_conn import connect, redact
+from shared.settings import OFFLINE_BASE_MODEL, Settings
+
+
+def test_defaults_work_offline(monkeypatch):
+    for name in ("SHALLOW_BASE_MODEL", "SHALLOW_ADAPTER", "SHALLOW_BACKEND", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings.from_env()
+    assert s.base_model == OFFLINE_BASE_MODEL and s.adapter is None and s.backend == "auto" and s.redis_url is None
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://example:6380/2")
+    monkeypatch.setenv("SHALLOW_BASE_MODEL", "/models/base")
+    monkeypatch.setenv("SHALLOW_ADAPTER", "me/adapter")
+    monkeypatch.setenv("SHALLOW_BACKEND", "Transformers")
+    monkeypatch.setenv("SHALLOW_MAX_NEW_TOKENS", "64")
+    monkeypatch.setenv("SHALLOW_TEMPERATURE", "0")
+    s = Settings.from_env()
+    assert (s.redis_url, s.base_model, s.adapter, s.backend) == ("redis://example:6380/2", "/models/base", "me/adapter", "transformers")
+    assert s.generation.max_new_tokens == 64 and s.generation.temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("SHALLOW_BACKEND", "tpu", "SHALLOW_BACKEND"),
+        ("SHALLOW_MAX_NEW_TOKENS", "many", "whole number"),
+        ("SHALLOW_MAX_NEW_TOKENS", "0", "at least 1"),
+        ("SHALLOW_TEMPERATURE", "-1", "at least 0"),
+    ],
+)
+def test_bad_settings_are_named(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env()
+
+
+def test_redis_unreachable_names_redis_url_without_the_password():
+    with pytest.raises(RedisUnavailable) as info:
+        connect("redis://:s3cret@127.0.0.1:1/0")
+    text = str(info.value)
+    assert "REDIS_URL=redis://:***@127.0.0.1:1/0" in text and "s3cret" not in text
+    assert redact("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+@pytest.mark.parametrize("command", [["status"], ["chat"], ["worker"]])
+def test_cli_with_redis_unreachable_prints_one_clear_line(command, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": "redis://127.0.0.1:1/0", "HOME": str(tmp_path), "SHALLOW_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", *command], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "REDIS_URL=redis://127.0.0.1:1/0" in lines[0] and "Traceback" not in proc.stderr
