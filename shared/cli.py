@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from shared.errors import ConfigError, ModelNotFound, RedisUnavailable, ShallowError
+from shared.protocol import Mode
 from shared.settings import Settings
 
 logger = logging.getLogger("shallow")
@@ -56,7 +57,7 @@ def _console(settings: Settings, channel: str, worker_problem=None):
 def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging("WARNING")
     console = _console(settings, args.channel)
-    console.client.store.chat(args.channel)  # plain messages are chat turns here
+    console.client.store.set_mode(args.channel, Mode.CHAT)  # plain messages are chat turns here
     return console.run()
 
 
@@ -118,7 +119,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         if args.story:
             console.handle("/story " + " ".join(args.story))
         else:
-            console.client.store.chat(channel)
+            console.client.store.set_mode(channel, Mode.CHAT)
             if sys.stdin.isatty():
                 print("Chat with the model; /story <title> plays an adventure, /help lists commands.", flush=True)
         return console.run()

@@ -135,8 +135,10 @@ class SessionStore:
 
     def reset(self, channel: str) -> bool:
         """Forget the channel's chat and story. Returns False when there was nothing to forget."""
-        keys = [_key(channel, m.value, *s) for m in Mode for s in ((), ("turns",))] + [_key(channel, "mode")]
-        return bool(self.r.delete(*keys))
+        sessions = [_key(channel, m.value) for m in Mode]
+        had = bool(self.r.exists(*sessions))
+        self.r.delete(*sessions, *(k + ":turns" for k in sessions), _key(channel, "mode"))
+        return had
 
     def touch(self, channel: str) -> None:
         with self.r.pipeline() as p:

@@ -232,26 +232,30 @@ class UnslothBackend(Backend):
         base = resolve_model(settings.base_model, settings.cache_dir, "base model")
         adapter = resolve_model(settings.adapter, settings.cache_dir, "adapter") if settings.adapter else None
         max_seq = settings.context_tokens or MAX_CONTEXT
-        try:
-            model, tokenizer = FastLanguageModel.from_pretrained(
-                model_name=base, max_seq_length=max_seq, load_in_4bit=settings.load_in_4bit, dtype=None
-            )
-        except OSError as exc:
-            raise ModelNotFound(f"Cannot load the base model {base!r}: {exc}") from None
         if adapter:
-            from peft import PeftModel
-
-            try:
-                model = PeftModel.from_pretrained(model, adapter)
-            except (OSError, ValueError) as exc:
-                raise ModelNotFound(f"Cannot load the adapter {adapter!r}: {exc}") from None
-            if (Path(adapter) / "tokenizer_config.json").exists():
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(adapter)
+            _check_adapter_base(adapter, base)
+        try:
+            # Given an adapter, unsloth loads the base that the adapter names and attaches it (the path
+            # seen working on the GPU machine); the adapter's tokenizer and chat template come with it.
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                model_name=adapter or base, max_seq_length=max_seq, load_in_4bit=settings.load_in_4bit, dtype=None
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelNotFound(f"Cannot load {'the adapter ' + repr(adapter) if adapter else 'the base model ' + repr(base)}: {exc}") from None
         FastLanguageModel.for_inference(model)
         desc = f"{base}" + (f" + adapter {adapter}" if adapter else "") + " on cuda (unsloth)"
         return cls(model, tokenizer, "cuda", min(_context(settings, model.config), max_seq), desc)
+
+
+def _check_adapter_base(adapter: str, base: str) -> None:
+    """unsloth loads the base an adapter names; say so when that is not SHALLOW_BASE_MODEL."""
+    import json
+
+    config = Path(adapter) / "adapter_config.json"
+    if config.exists():
+        named = json.loads(config.read_text()).get("base_model_name_or_path")
+        if named and named.rstrip("/") != base.rstrip("/"):
+            logger.warning("the adapter %s was trained on %s, not SHALLOW_BASE_MODEL=%s; unsloth loads %s", adapter, named, base, named)
 
 
 def unsloth_available() -> bool:
