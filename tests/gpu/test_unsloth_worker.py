@@ -3,7 +3,7 @@
 Runs on a CUDA machine with the gpu extra. The checkpoint is SHALLOW_TEST_LLAMA_DIR when set (on the GPU
 machine: `python .gpu/make_llama1b.py DIR` writes the exact Llama-3.2-1B-Instruct shape with the real
 tokenizer and random weights); the LoRA adapter (r=16 on all seven projections, non-zero weights) is made
-here with peft and saved with the tokenizer, as the lab's adapter was.
+here with peft and saved with the llama-3.1 chat-templated tokenizer, as the lab's adapter was.
 """
 from __future__ import annotations
 
@@ -43,7 +43,10 @@ def adapter_dir(llama_dir, tmp_path_factory) -> str:
     )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(out)
+    from unsloth.chat_templates import get_chat_template
+
+    # the lab trained with the llama-3.1 chat template and saved the tokenizer beside the adapter
+    get_chat_template(AutoTokenizer.from_pretrained(llama_dir), chat_template="llama-3.1").save_pretrained(out)
     del model, peft_model
     return str(out)
 
@@ -72,7 +75,7 @@ def test_unsloth_worker_streams_replies_through_redis(redis_proc, processes, lla
     client = TurnClient(settings)
     sub = client.say("gpu:1", "Hello there!")
     events, last = collect(client, sub.job_id, timeout=300)
-    assert isinstance(last, Done), last
+    assert isinstance(last, Done), (last, worker.log_path.read_text()[-3000:])
     assert len(chunks_of(events)) >= 2 and "".join(chunks_of(events)).strip() == last.text
     assert last.completion_tokens > 0
     assert len(client.store.history("gpu:1", Mode.CHAT)) == 2
