@@ -6,9 +6,12 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+import redis
+
 from shared.client import ReplyText, TurnClient, Waiting
 from shared.errors import BadInput, ChannelBusy
 from shared.protocol import Chunk, Done, Error, Mode, Start
+from shared.redis_conn import DEFAULT_REDIS_URL, redact
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +79,11 @@ class Console:
             else:
                 submitted = self.client.say(self.channel, text, user="console")
                 self.show_reply(submitted.job_id)
-        except BadInput as exc:
+        except (BadInput, ChannelBusy) as exc:
             self.write(f"{exc}\n")
-        except ChannelBusy as exc:
-            self.write(f"{exc}\n")
+        except redis.exceptions.ConnectionError as exc:
+            url = redact(self.client.settings.redis_url or DEFAULT_REDIS_URL)
+            self.write(f"Lost the connection to Redis at REDIS_URL={url} ({exc}). Try again once it is back.\n")
         return True
 
     def show_reply(self, job_id: str) -> Done | Error:

@@ -9,8 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 from shared.errors import ConfigError, ModelNotFound, RedisUnavailable, ShallowError
 from shared.protocol import Mode

@@ -281,6 +281,7 @@ class TurnClient:
             "running": StartedJobRegistry(queue=self.queue).count,
             "failed": FailedJobRegistry(queue=self.queue).count,
             "workers": [
-                {"name": w.name, "state": str(w.get_state()), "job": w.get_current_job_id()} for w in workers
+                {"name": w.name, "state": str(getattr(w.get_state(), "value", w.get_state())), "job": w.get_current_job_id()}
+                for w in workers
             ],
         }

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from shared.protocol import EVENT_FIELD, Mode, done_key, new_id, stream_key
 from shared.prompts import Message
+from shared.protocol import EVENT_FIELD, Mode, done_key, new_id, stream_key
 
 _COMMIT = """
 -- KEYS: done marker, session hash, turns list, reply stream, inflight key

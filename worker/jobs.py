@@ -9,13 +9,25 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from rq import get_current_job
 
+from shared.prompts import (
+    CHAT_SYSTEM_PROMPT,
+    CHOICES_LEAD,
+    MAX_CHOICES,
+    MIN_CHOICES,
+    STORY_BEGIN,
+    Message,
+    clean_choice,
+    fit_messages,
+    parse_choices,
+    story_system_prompt,
+)
 from shared.protocol import (
     EVENT_FIELD,
     Chunk,
@@ -30,18 +42,6 @@ from shared.protocol import (
     done_key,
     encode_event,
     stream_key,
-)
-from shared.prompts import (
-    CHAT_SYSTEM_PROMPT,
-    CHOICES_LEAD,
-    MAX_CHOICES,
-    MIN_CHOICES,
-    STORY_BEGIN,
-    clean_choice,
-    fit_messages,
-    Message,
-    parse_choices,
-    story_system_prompt,
 )
 from shared.sessions import SessionStore
 from shared.settings import Settings
@@ -153,6 +153,8 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int) -> Do
     max_new = min(req.max_new_tokens or s.generation.max_new_tokens, s.generation.max_new_tokens)
     budget = backend.context_tokens - max_new
     if req.mode is Mode.STORY:
+        # room for the choices, should the worker have to ask for them after the passage
+        budget -= FORCED_CHOICES * (s.generation.choice_max_tokens + 8) + 16
         system = story_system_prompt(req.title or "Untitled")
         text = req.text or STORY_BEGIN.format(title=req.title or "Untitled")
     else:

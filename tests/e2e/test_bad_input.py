@@ -1,7 +1,6 @@
 """Bad input gets a clear message and nothing is lost."""
 from __future__ import annotations
 
-import os
 import selectors
 import subprocess
 import sys

@@ -76,3 +76,40 @@ def test_a_job_run_twice_replies_once(env, start_worker):
     assert client.r.xlen(stream_key(sub.job_id)) == len(list(client.r.xrange(stream_key(sub.job_id))))
     dones = [e for e in client.r.xrange(stream_key(sub.job_id)) if b'"done"' in e[1][b"e"]]
     assert len(dones) == 1
+
+
+def test_a_long_conversation_keeps_every_prompt_within_the_context(env, start_worker):
+    start_worker(SHALLOW_CONTEXT_TOKENS="200")
+    client = TurnClient(env.settings())
+    prompts = []
+    for text in ["Tell me about the sea.", "And about the mountains?", "Which one is older?", "Thank you, goodbye!"]:
+        _, done = collect(client, client.say("console:long", text).job_id)
+        assert isinstance(done, Done), done
+        prompts.append(done.prompt_tokens)
+    assert all(p <= 200 - 16 for p in prompts), prompts  # context minus max_new_tokens
+    assert len(client.store.history("console:long", Mode.CHAT)) == 8  # trimming drops from the prompt, not the session
+
+
+def test_status_reports_queue_workers_and_failures(env, start_worker):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def status():
+        out = subprocess.run([sys.executable, "-m", "shared.cli", "status", "--json"], env=env.vars(), cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert status() == {"queue": "shallow", "queued": 0, "running": 0, "failed": 0, "workers": []}
+    client = TurnClient(env.settings())
+    client.say("console:s", "hello")
+    assert status()["queued"] == 1
+    start_worker()
+    client.queue.enqueue("worker.jobs.no_such_function", {}, job_id="broken")
+    deadline = time.monotonic() + 120
+    while status()["failed"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    st = status()
+    assert st["failed"] == 1 and len(st["workers"]) == 1 and st["workers"][0]["state"] in ("idle", "busy")
