@@ -32,11 +32,13 @@ class Console:
         *,
         out: TextIO = sys.stdout,
         worker_problem: Callable[[], str | None] = lambda: None,
+        no_worker_note: str = "no worker is running yet: your message waits in the queue until one starts",
     ) -> None:
         self.client = client
         self.channel = channel
         self.out = out
         self.worker_problem = worker_problem  # the demo's check that its worker process still runs
+        self.no_worker_note = no_worker_note
 
     def write(self, text: str) -> None:
         self.out.write(text)
@@ -100,7 +102,7 @@ class Console:
                     if state != shown_wait:
                         shown_wait = state
                         if event.workers == 0:
-                            self.write("(no worker is running yet: your message waits in the queue until one starts)\n")
+                            self.write(f"({self.no_worker_note})\n")
                         elif event.position:
                             self.write(f"(waiting in the queue: position {event.position})\n")
                 elif isinstance(event, Start):

@@ -43,13 +43,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run(settings, burst=args.burst, name=args.name)
 
 
-def _console(settings: Settings, channel: str, worker_problem=None):
+def _console(settings: Settings, channel: str, **kwargs):
     from bots.console import Console
     from shared.client import TurnClient
 
-    client = TurnClient(settings)
-    kwargs = {"worker_problem": worker_problem} if worker_problem else {}
-    return Console(client, channel, **kwargs)
+    return Console(TurnClient(settings), channel, **kwargs)
 
 
 def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,7 +111,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             return f"the worker exited with code {worker.returncode}: " + " | ".join(tail)
 
         channel = args.channel
-        console = _console(settings, channel, worker_problem)
+        console = _console(
+            settings, channel, worker_problem=worker_problem,
+            no_worker_note="the worker is still loading the model: your message waits in the queue",
+        )
         if args.story:
             console.handle("/story " + " ".join(args.story))
         else:
