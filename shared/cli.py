@@ -64,6 +64,13 @@ def cmd_story(args: argparse.Namespace, settings: Settings) -> int:
     return console.run()
 
 
+def cmd_telegram(args: argparse.Namespace, settings: Settings) -> int:
+    from bots.telegram_bot import run
+
+    configure_logging("INFO")
+    return run(settings)
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging("WARNING")
     from shared.client import TurnClient
@@ -156,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", default="console:demo", help="conversation name; kept across runs")
     p.add_argument("--story", nargs="+", metavar="TITLE", help="start with a story instead of a chat")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("telegram", help="the Telegram bot (TELEGRAM_BOT_TOKEN; TELEGRAM_BASE_URL for a local Bot API server)")
+    p.set_defaults(func=cmd_telegram)
 
     p = sub.add_parser("status", help="queue depth, workers alive, jobs running and failed")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts and health checks")

@@ -1,0 +1,162 @@
+"""What the chat-platform bots share: following a reply stream from asyncio, pacing edits, splitting
+text at the platform's limit, and remembering replies not yet delivered (so a bot restart loses none).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shared.client import FollowEvent, ReplyText, TurnClient, Waiting
+from shared.protocol import Chunk, Done, Error, Start
+
+logger = logging.getLogger(__name__)
+
+WRITING_MARK = " ▌"  # shown at the end of a reply while it is still being written
+EDIT_INTERVAL = 1.0  # seconds between edits of one message: the platforms' flood limits allow about this
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Split `text` into parts of at most `limit` characters, at a paragraph, line, sentence or word end."""
+    text = text.strip()
+    parts: list[str] = []
+    while len(text) > limit:
+        window = text[:limit]
+        cut = -1
+        for sep in ("\n\n", "\n", ". ", " "):
+            cut = window.rfind(sep)
+            if cut > limit // 2:
+                cut += len(sep.rstrip(" ")) if sep == ". " else 0
+                break
+        if cut <= limit // 2:
+            cut = limit  # one long word: cut it
+        parts.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    if text or not parts:
+        parts.append(text)
+    return parts
+
+
+async def follow_async(client: TurnClient, job_id: str, poll: float = 0.5) -> AsyncIterator[FollowEvent]:
+    """The reply's events, from a thread that runs the blocking follower (it ends with Done or Error)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[FollowEvent | BaseException | None] = asyncio.Queue()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for event in client.follow(job_id, poll=poll):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # handed to the coroutine, which raises it
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    thread = threading.Thread(target=run, name=f"follow-{job_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class Surface(Protocol):
+    """Where one reply is shown on a platform: a placeholder message that is edited, then follow-ups."""
+
+    async def show(self, text: str) -> None:
+        """Replace the placeholder's text with the reply so far (or a waiting notice)."""
+
+    async def typing(self) -> None:
+        """Show that the bot is writing."""
+
+    async def finish(self, done: Done) -> None:
+        """Deliver the final text (split as the platform needs) and any story choices."""
+
+    async def fail(self, message: str, partial: str) -> None:
+        """Say the reply failed, keeping what was written."""
+
+
+def waiting_text(event: Waiting) -> str:
+    if event.workers == 0:
+        return "⏳ Waiting for a worker to start: your message is queued and will be answered."
+    if event.position:
+        return f"⏳ Queued: {event.position} ahead of you." if event.position > 1 else "⏳ Queued: you are next."
+    return "⏳ Starting…"
+
+
+async def stream_reply(client: TurnClient, job_id: str, surface: Surface, *, interval: float = EDIT_INTERVAL) -> Done | Error:
+    """Follow one reply and show it on `surface`: edits at most every `interval` seconds, then the final text."""
+    reply = ReplyText()
+    shown = ""
+    last_edit = 0.0
+    last_typing = 0.0
+    async for event in follow_async(client, job_id):
+        now = time.monotonic()
+        if isinstance(event, Waiting):
+            text = waiting_text(event)
+            if text != shown:
+                await surface.show(text)
+                shown, last_edit = text, now
+            continue
+        if isinstance(event, Done):
+            await surface.finish(event)
+            return event
+        if isinstance(event, Error):
+            await surface.fail(event.message, reply.text)
+            return event
+        reply.feed(event)
+        if isinstance(event, Start) and now - last_typing > 4:
+            await surface.typing()
+            last_typing = now
+        if isinstance(event, Chunk) and now - last_typing > 4.5:  # Telegram's typing lasts about 5 s
+            await surface.typing()
+            last_typing = now
+        if now - last_edit >= interval and reply.text.strip():
+            text = reply.text.strip() + WRITING_MARK
+            if text != shown:
+                await surface.show(text)
+                shown, last_edit = text, now
+    return Error(code="lost", message="The reply stream ended without a reply.")
+
+
+@dataclass(frozen=True)
+class PendingReply:
+    """A reply a bot owes: which job, and where to show it (platform ids, opaque here)."""
+
+    job_id: str
+    where: dict[str, Any]
+    since: float
+
+
+class PendingReplies:
+    """Replies not yet delivered, in Redis: a bot that restarts picks them up and delivers them."""
+
+    def __init__(self, client: TurnClient, platform: str) -> None:
+        self.r = client.r
+        self.key = f"shallow:pending:{platform}"
+
+    def add(self, job_id: str, where: dict[str, Any]) -> None:
+        self.r.hset(self.key, job_id, json.dumps({"where": where, "since": time.time()}))
+
+    def done(self, job_id: str) -> None:
+        self.r.hdel(self.key, job_id)
+
+    def all(self) -> list[PendingReply]:
+        out = []
+        for job_id, raw in self.r.hgetall(self.key).items():
+            data = json.loads(raw)
+            out.append(PendingReply(job_id=job_id.decode(), where=data["where"], since=data["since"]))
+        return sorted(out, key=lambda p: p.since)
