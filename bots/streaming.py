@@ -26,15 +26,12 @@ def split_text(text: str, limit: int) -> list[str]:
     text = text.strip()
     parts: list[str] = []
     while len(text) > limit:
-        window = text[:limit]
-        cut = -1
-        for sep in ("\n\n", "\n", ". ", " "):
-            cut = window.rfind(sep)
-            if cut > limit // 2:
-                cut += len(sep.rstrip(" ")) if sep == ". " else 0
+        cut = limit  # one long word with no place to cut: cut it at the limit
+        for sep, keep in (("\n\n", 0), ("\n", 0), (". ", 1), (" ", 0)):
+            i = text.rfind(sep, 0, limit + 1 - keep)  # the part is text[:i + keep], at most `limit` long
+            if i > limit // 2:
+                cut = i + keep
                 break
-        if cut <= limit // 2:
-            cut = limit  # one long word: cut it
         parts.append(text[:cut].rstrip())
         text = text[cut:].lstrip()
     if text or not parts:

@@ -13,7 +13,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+# Opt in to python-telegram-bot's coming behaviour: RetryAfter.retry_after as a timedelta (_seconds reads both).
+os.environ.setdefault("PTB_TIMEDELTA", "1")
+
+from telegram import BotCommand  # noqa: E402, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, RetryAfter, TelegramError
 from telegram.ext import (

@@ -230,6 +230,8 @@ def _force_choices(
                 gen.pieces.close()  # type: ignore[attr-defined]
             tokens += gen.completion_tokens
             choice = clean_choice(text)
+            if gen.finish_reason == "length" and " " in choice:
+                choice = choice.rsplit(" ", 1)[0].rstrip(",;:") + "…"  # cut at the limit: drop the half word
             if choice or gen.finish_reason == "cancelled":
                 break
         if not choice:

@@ -252,8 +252,8 @@ def test_groups_answer_mentions_and_replies_only(stack):
     assert [m["content"] for m in history[::2]] == ["what is a crown?", "tell me more"]
 
 
-def test_outside_the_allowlist_is_refused_once(stack):
-    stack.start_bot(OTHER_TOKEN, name="allowlisted", TELEGRAM_ALLOWED_CHATS="3001")
+def test_outside_the_allowlist_is_refused_once_and_the_cooldown_holds(stack):
+    stack.start_bot(OTHER_TOKEN, name="allowlisted", TELEGRAM_ALLOWED_CHATS="3001", TELEGRAM_COOLDOWN="30")
     stack.fake.send(OTHER_TOKEN, 3002, "hello?")
     wait_for(lambda: stack.fake.bot_messages(3002), 30, "the refusal")
     assert stack.last_bot_message(3002)["text"] == "Sorry, this bot is not open to this chat. Ask its owner to add you."
@@ -261,3 +261,11 @@ def test_outside_the_allowlist_is_refused_once(stack):
     stack.fake.send(OTHER_TOKEN, 3001, "/help")  # an allowed chat, sent after: once it is answered, 3002's second was seen
     wait_for(lambda: stack.fake.bot_messages(3001), 30, "the allowed chat's answer")
     assert len(stack.fake.bot_messages(3002)) == 1
+
+    # the per-user cooldown: a second message right after the first gets a notice, not a turn
+    stack.fake.send(OTHER_TOKEN, 3001, "Hello there")
+    stack.fake.send(OTHER_TOKEN, 3001, "Hello again")
+    wait_for(lambda: any(m["text"].startswith("One moment: you can send your next message in") for m in stack.fake.bot_messages(3001)),
+             30, "the cooldown notice")
+    stack.wait_settled(3001)
+    assert [m["content"] for m in stack.client.store.history("telegram:3001", Mode.CHAT)][::2] == ["Hello there"]

@@ -1,0 +1,62 @@
+"""Splitting and delivering long replies: split_text, and TelegramSurface with the real Bot class on the fake API."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from bots.streaming import split_text
+from shared.protocol import Done
+from tests.bots.fake_telegram import FakeTelegram
+
+
+@pytest.mark.parametrize("limit", [50, 200, 4096])
+def test_split_text_keeps_every_word_within_the_limit(limit):
+    rng = random.Random(limit)
+    words = ["crown", "dragon", "a", "x" * 70, "river.", "tower,", "\n\n", "\n", "riddle"]
+    text = " ".join(rng.choice(words) for _ in range(3000)).strip()
+    parts = split_text(text, limit)
+    assert all(0 < len(p) <= limit for p in parts)
+    assert "".join("".join(parts).split()) == "".join(text.split())  # nothing lost, nothing added
+    # a word is cut only when it is longer than half a part (no space to cut at)
+    cursor = 0
+    for part in parts[:-1]:
+        start = text.index(part, cursor)
+        cursor = start + len(part)
+        assert len(part) == limit or text[cursor].isspace() or part.endswith("."), (part, text[cursor:cursor + 10])
+
+
+def test_split_text_prefers_paragraphs():
+    text = "First paragraph is here.\n\nSecond paragraph is a little longer than the first."
+    assert split_text(text, 40) == ["First paragraph is here.", "Second paragraph is a little longer than", "the first."]
+    assert split_text("short", 10) == ["short"]
+
+
+def test_a_long_final_reply_is_split_at_4096_and_the_keyboard_goes_last():
+    from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup
+
+    from bots.telegram_bot import TelegramSurface
+
+    fake = FakeTelegram()
+    fake.add_bot("1:T", 1, "b")
+    fake.start()
+    try:
+        chat = 77
+        text = " ".join(f"word{i}" for i in range(2000))  # 16,889 characters: five messages
+        markup = InlineKeyboardMarkup([[InlineKeyboardButton("1. Go", callback_data="s:x:1:1")]])
+
+        async def run():
+            async with Bot("1:T", base_url=fake.base_url) as bot:
+                placeholder = await bot.send_message(chat_id=chat, text="⏳ …")
+                fake.fail_next("sendMessage", retry_after=1)  # flood control on a follow-up loses nothing
+                surface = TelegramSurface(bot, chat, placeholder.message_id, lambda done: markup)
+                await surface.finish(Done(text=text, prompt_tokens=1, completion_tokens=2000, choices=["Go"]))
+
+        asyncio.run(run())
+        msgs = fake.bot_messages(chat)
+        assert len(msgs) == 5 and all(len(m["text"]) <= 4096 for m in msgs)
+        assert " ".join(m["text"] for m in msgs).split() == text.split()  # every word, in order
+        assert "reply_markup" in msgs[-1] and all("reply_markup" not in m for m in msgs[:-1])
+    finally:
+        fake.stop()
