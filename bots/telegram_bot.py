@@ -13,10 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-# Opt in to python-telegram-bot's coming behaviour: RetryAfter.retry_after as a timedelta (_seconds reads both).
-os.environ.setdefault("PTB_TIMEDELTA", "1")
-
-from telegram import BotCommand  # noqa: E402, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, RetryAfter, TelegramError
 from telegram.ext import (
@@ -510,6 +507,8 @@ async def _drop_keyboard(query, note: str | None = None) -> None:
 
 
 def run(settings: Settings) -> int:
+    # Opt in to python-telegram-bot's coming behaviour, RetryAfter.retry_after as a timedelta (_seconds reads both).
+    os.environ.setdefault("PTB_TIMEDELTA", "1")
     tg = TelegramSettings.from_env()
     bot = TelegramBot(settings, tg)
     app = bot.build_app()

@@ -33,7 +33,8 @@ def test_split_text_prefers_paragraphs():
     assert split_text("short", 10) == ["short"]
 
 
-def test_a_long_final_reply_is_split_at_4096_and_the_keyboard_goes_last():
+def test_a_long_final_reply_is_split_at_4096_and_the_keyboard_goes_last(monkeypatch):
+    monkeypatch.setenv("PTB_TIMEDELTA", "1")
     from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup
 
     from bots.telegram_bot import TelegramSurface
