@@ -16,7 +16,7 @@ from shared.settings import Settings
 
 logger = logging.getLogger("shallow")
 
-NOISY = ("httpx", "httpcore", "urllib3", "filelock", "transformers", "huggingface_hub", "datasets", "rq.worker")
+NOISY = ("httpx", "httpcore", "urllib3", "filelock", "transformers", "huggingface_hub", "datasets", "rq.worker", "discord")
 
 
 def configure_logging(default: str = "INFO", quiet_rq: bool = False) -> None:
@@ -66,6 +66,13 @@ def cmd_story(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_telegram(args: argparse.Namespace, settings: Settings) -> int:
     from bots.telegram_bot import run
+
+    configure_logging("INFO")
+    return run(settings)
+
+
+def cmd_discord(args: argparse.Namespace, settings: Settings) -> int:
+    from bots.discord_bot import run
 
     configure_logging("INFO")
     return run(settings)
@@ -166,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("telegram", help="the Telegram bot (TELEGRAM_BOT_TOKEN; TELEGRAM_BASE_URL for a local Bot API server)")
     p.set_defaults(func=cmd_telegram)
+
+    p = sub.add_parser("discord", help="the Discord bot (DISCORD_BOT_TOKEN; DISCORD_API_BASE_URL, DISCORD_GATEWAY_URL for a proxy)")
+    p.set_defaults(func=cmd_discord)
 
     p = sub.add_parser("status", help="queue depth, workers alive, jobs running and failed")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts and health checks")

@@ -59,8 +59,13 @@ class Stack:
         """Send a message and wait for the bot to deliver its reply; the bot's last message."""
         n = len(self.fake.bot_messages(chat_id))
         self.fake.send(TOKEN, chat_id, text, **kw)
-        wait_for(lambda: len(self.fake.bot_messages(chat_id)) > n, 30, f"a reply in chat {chat_id}")
-        self.wait_settled(chat_id)
+
+        def final():
+            msgs = self.fake.bot_messages(chat_id)[n:]
+            return (msgs and not msgs[-1]["text"].startswith("⏳") and not msgs[-1]["text"].endswith(WRITING_MARK)
+                    and self.settled(chat_id))
+
+        wait_for(final, 180, f"the reply in chat {chat_id}", interval=0.2)
         return self.last_bot_message(chat_id)
 
 

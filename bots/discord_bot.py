@@ -1,0 +1,406 @@
+"""`shallow discord`: chat by mention, DM or reply, and /story with buttons, on Discord (discord.py 2).
+
+Every turn: validate, post a placeholder at once, enqueue the job, edit the placeholder as the reply
+streams (at most once a second, with a "still writing" mark), then the final text split at 2000
+characters into follow-ups, story choices as buttons that survive a restart (dynamic items). A 429 is
+waited out by discord.py's own rate limiter. Replies still owed are kept in Redis and delivered after
+a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import discord
+import yarl
+from discord import app_commands
+
+from bots.streaming import PendingReplies, split_text, stream_reply
+from shared.client import Submitted, TurnClient
+from shared.errors import BadInput, ChannelBusy, ConfigError
+from shared.protocol import Done, Mode
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 2000  # Discord's limit on one message's content
+BUTTON_LIMIT = 80  # Discord's limit on a button label
+
+HELP = (
+    "Mention me, reply to me, or DM me to chat. Each channel and thread keeps its own conversation.\n"
+    "`/story start <title>` starts a choose-your-own-adventure: press a button or mention me with what you do.\n"
+    "`/story end` ends it, `/reset` forgets this channel's conversation, `/cancel` stops the reply being written, "
+    "`/status` shows the queue."
+)
+
+
+def _ids(name: str) -> frozenset[int]:
+    raw = os.environ.get(name, "").replace(";", ",")
+    try:
+        return frozenset(int(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma-separated list of numeric ids, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class DiscordSettings:
+    token: str
+    api_base_url: str = "https://discord.com/api/v10"  # an API proxy in front of Discord, or a test server
+    gateway_url: str = "wss://gateway.discord.gg/"
+    allowed_guilds: frozenset[int] = field(default_factory=frozenset)  # empty: every guild
+    allowed_channels: frozenset[int] = field(default_factory=frozenset)
+    allowed_users: frozenset[int] = field(default_factory=frozenset)
+    cooldown: float = 2.0  # seconds between one user's turns
+
+    @classmethod
+    def from_env(cls) -> DiscordSettings:
+        token = os.environ.get("DISCORD_BOT_TOKEN", "").strip()
+        if not token:
+            raise ConfigError("DISCORD_BOT_TOKEN is not set: create an application and bot in the Discord developer portal.")
+        try:
+            cooldown = float(os.environ.get("DISCORD_COOLDOWN", "2") or 2)
+        except ValueError:
+            raise ConfigError("DISCORD_COOLDOWN must be a number of seconds") from None
+        return cls(
+            token=token,
+            api_base_url=os.environ.get("DISCORD_API_BASE_URL", "").strip() or cls.api_base_url,
+            gateway_url=os.environ.get("DISCORD_GATEWAY_URL", "").strip() or cls.gateway_url,
+            allowed_guilds=_ids("DISCORD_ALLOWED_GUILDS"),
+            allowed_channels=_ids("DISCORD_ALLOWED_CHANNELS"),
+            allowed_users=_ids("DISCORD_ALLOWED_USERS"),
+            cooldown=cooldown,
+        )
+
+    def apply(self) -> None:
+        """Point discord.py at these URLs. It has no option for them: these class attributes are what it reads."""
+        discord.http.Route.BASE = self.api_base_url.rstrip("/")
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.gateway_url)
+
+
+class ChoiceButton(discord.ui.DynamicItem[discord.ui.Button], template=r"story:(?P<session>[0-9a-f]+):(?P<turn>\d+):(?P<n>\d)"):
+    """A story choice. Its custom id names the story and passage, so it works after a restart and a stale one is told apart."""
+
+    def __init__(self, session: str, turn: int, n: int, label: str = "") -> None:
+        self.session, self.turn, self.n = session, turn, n
+        label = label or str(n)
+        if len(label) > BUTTON_LIMIT:
+            label = label[: BUTTON_LIMIT - 1] + "…"
+        super().__init__(discord.ui.Button(label=label, style=discord.ButtonStyle.primary, custom_id=f"story:{session}:{turn}:{n}"))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /):
+        return cls(match["session"], int(match["turn"]), int(match["n"]), item.label or "")
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: ShallowDiscord = interaction.client  # type: ignore[assignment]
+        await bot.on_choice(interaction, self.session, self.turn, self.n)
+
+
+def choice_view(session_id: str, turn: int, choices: list[str]) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for n, choice in enumerate(choices, 1):
+        view.add_item(ChoiceButton(session_id, turn, n, f"{n}. {choice}"))
+    return view
+
+
+class DiscordSurface:
+    """A reply in a Discord channel: the placeholder message, edited, then follow-up messages."""
+
+    def __init__(self, bot: ShallowDiscord, channel_id: int, message_id: int, view: Callable[[Done], discord.ui.View | None]):
+        self.channel = bot.get_partial_messageable(channel_id)
+        self.message = self.channel.get_partial_message(message_id)
+        self.view = view
+
+    async def show(self, text: str) -> None:
+        try:
+            await self.message.edit(content=text[:MESSAGE_LIMIT])
+        except discord.HTTPException as exc:  # a failed progress edit is replaced by the next one
+            logger.warning("progress edit in channel %s failed: %s", self.channel.id, exc)
+
+    async def typing(self) -> None:
+        try:
+            await self.channel.typing()
+        except discord.HTTPException as exc:
+            logger.debug("typing in channel %s: %s", self.channel.id, exc)
+
+    async def finish(self, done: Done) -> None:
+        text = done.text or "(no reply)"
+        if done.finish_reason == "cancelled":
+            text += "\n\n(stopped)"
+        await self._deliver(split_text(text, MESSAGE_LIMIT), self.view(done))
+
+    async def fail(self, message: str, partial: str) -> None:
+        text = (partial.strip() + "\n\n" if partial.strip() else "") + f"⚠️ {message}"
+        await self._deliver(split_text(text, MESSAGE_LIMIT), None)
+
+    async def _deliver(self, parts: list[str], view: discord.ui.View | None) -> None:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            kwargs = {"view": view} if last and view is not None else {}
+            if i == 0:
+                try:
+                    await self.message.edit(content=part, **kwargs)
+                    continue
+                except discord.NotFound:  # the placeholder was deleted: send the text anew
+                    logger.warning("placeholder in channel %s is gone; sending a new message", self.channel.id)
+            await self.channel.send(part, **kwargs)
+
+
+class ShallowDiscord(discord.Client):
+    def __init__(self, settings: Settings, dc: DiscordSettings, client: TurnClient | None = None) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True  # slash commands and channel data
+        intents.guild_messages = True  # mentions and replies in servers (their content comes without the privileged intent)
+        intents.dm_messages = True
+        super().__init__(intents=intents)
+        self.settings = settings
+        self.dc = dc
+        self.turns = client or TurnClient(settings)
+        self.pending = PendingReplies(self.turns, "discord")
+        self.r = self.turns.r
+        self.tree = app_commands.CommandTree(self)
+        self._register_commands()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def channel_key(channel_id: int) -> str:
+        return f"discord:{channel_id}"
+
+    def allowed(self, guild_id: int | None, channel_id: int | None, user_id: int | None) -> bool:
+        dc = self.dc
+        return (
+            (not dc.allowed_guilds or guild_id in dc.allowed_guilds or guild_id is None)
+            and (not dc.allowed_channels or channel_id in dc.allowed_channels)
+            and (not dc.allowed_users or user_id in dc.allowed_users)
+        )
+
+    def refuse_once(self, channel_id: int, user_id: int) -> bool:
+        """True the first time a day that this user is told they are outside the allowlist here."""
+        return bool(self.r.set(f"shallow:dc:refused:{channel_id}:{user_id}", 1, nx=True, ex=86400))
+
+    def cooling(self, user_id: int) -> float:
+        if self.dc.cooldown <= 0:
+            return 0.0
+        key = f"shallow:dc:cool:{user_id}"
+        if self.r.set(key, 1, nx=True, px=int(self.dc.cooldown * 1000)):
+            return 0.0
+        return max(self.r.pttl(key), 1) / 1000
+
+    async def start_turn(self, channel: discord.abc.Messageable, placeholder: discord.Message | None,
+                         submit: Callable[[], Submitted], reference: discord.Message | None = None) -> None:
+        """Placeholder at once, then the job; the reply streams into the placeholder."""
+        if placeholder is None:
+            placeholder = await channel.send("⏳ …", reference=reference, mention_author=False)
+        try:
+            sub = await asyncio.to_thread(submit)
+        except (BadInput, ChannelBusy) as exc:
+            await placeholder.edit(content=str(exc))
+            return
+        where = {
+            "channel_id": placeholder.channel.id,
+            "message_id": placeholder.id,
+            "session_id": sub.session.id,
+            "turn": sub.session.turns + 1,
+        }
+        self.pending.add(sub.job_id, where)
+        self.spawn(sub.job_id, where)
+
+    def spawn(self, job_id: str, where: dict) -> None:
+        asyncio.get_running_loop().create_task(self.deliver(job_id, where), name=f"deliver-{job_id[:8]}")
+
+    async def deliver(self, job_id: str, where: dict) -> None:
+        def view(done: Done) -> discord.ui.View | None:
+            return choice_view(where["session_id"], where["turn"], done.choices) if done.choices else None
+
+        surface = DiscordSurface(self, where["channel_id"], where["message_id"], view)
+        try:
+            await stream_reply(self.turns, job_id, surface)
+        except Exception:
+            logger.exception("delivering job %s to channel %s failed", job_id, where["channel_id"])
+        finally:
+            self.pending.done(job_id)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(ChoiceButton)  # story buttons keep working after a restart
+        await self.tree.sync()
+        owed = self.pending.all()
+        if owed:
+            logger.info("delivering %d replies owed from before the restart", len(owed))
+        for p in owed:
+            self.spawn(p.job_id, p.where)
+
+    def _register_commands(self) -> None:
+        story = app_commands.Group(name="story", description="A choose-your-own-adventure in this channel")
+
+        @story.command(name="start", description="Start a story from its title")
+        @app_commands.describe(title="The story's title, e.g. The Lost Crown")
+        async def story_start(interaction: discord.Interaction, title: str) -> None:
+            """/story start <title>: a new adventure in this channel."""
+            if not await self.gate(interaction):
+                return
+            try:
+                self.turns.clean_title(title)
+            except BadInput as exc:
+                await interaction.response.send_message(str(exc), ephemeral=True)
+                return
+            channel = self.channel_key(interaction.channel_id)
+            response = await interaction.response.send_message("⏳ …")
+            placeholder = response.resource if isinstance(response.resource, discord.InteractionMessage) else None
+            if placeholder is None:
+                placeholder = await interaction.original_response()
+            await self.start_turn(interaction.channel, placeholder,
+                                  lambda: self.turns.start_story(channel, title, user=str(interaction.user.id)))
+
+        @story.command(name="end", description="End the story in this channel")
+        async def story_end(interaction: discord.Interaction) -> None:
+            """/story end: back to chatting."""
+            if not await self.gate(interaction):
+                return
+            ended = self.turns.end_story(self.channel_key(interaction.channel_id))
+            await interaction.response.send_message(
+                f'The story "{ended.title}" has ended. `/story start` begins a new one.' if ended else "There is no story running here."
+            )
+
+        self.tree.add_command(story)
+
+        @self.tree.command(name="reset", description="Forget this channel's conversation and story")
+        async def reset(interaction: discord.Interaction) -> None:
+            """/reset: forget this channel's conversation."""
+            if not await self.gate(interaction):
+                return
+            had = await asyncio.to_thread(self.turns.reset, self.channel_key(interaction.channel_id))
+            await interaction.response.send_message(
+                "Done: I've forgotten this channel's conversation and any story." if had else "There was nothing to forget here yet."
+            )
+
+        @self.tree.command(name="cancel", description="Stop the reply being written in this channel")
+        async def cancel(interaction: discord.Interaction) -> None:
+            """/cancel: stop the reply being written."""
+            if not await self.gate(interaction):
+                return
+            job_id = self.turns.store.turn_in_flight(self.channel_key(interaction.channel_id))
+            if not job_id:
+                await interaction.response.send_message("Nothing is being written right now.", ephemeral=True)
+                return
+            await asyncio.to_thread(self.turns.cancel, job_id)
+            await interaction.response.send_message("Stopping the reply.")
+
+        @self.tree.command(name="status", description="The queue and the workers")
+        async def status(interaction: discord.Interaction) -> None:
+            """/status: this channel's place in the queue and the workers alive."""
+            if not await self.gate(interaction):
+                return
+            st = await asyncio.to_thread(self.turns.status)
+            job_id = self.turns.store.turn_in_flight(self.channel_key(interaction.channel_id))
+            position = await asyncio.to_thread(self.turns.position, job_id) if job_id else None
+            lines = [f"Workers alive: {len(st['workers'])}", f"Waiting in the queue: {st['queued']}, being written: {st['running']}"]
+            if job_id:
+                lines.append(f"This channel's reply: {'queued, position ' + str(position) if position else 'being written'}")
+            await interaction.response.send_message("\n".join(lines), ephemeral=True)
+
+        @self.tree.command(name="help", description="How to use this bot")
+        async def help_(interaction: discord.Interaction) -> None:
+            """/help: how to use the bot."""
+            await interaction.response.send_message(HELP, ephemeral=True)
+
+        @self.tree.error
+        async def on_app_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+            logger.error("slash command failed: %s", error, exc_info=error)
+            message = "Sorry, something went wrong on my side. Please try again."
+            if interaction.response.is_done():
+                await interaction.followup.send(message, ephemeral=True)
+            else:
+                await interaction.response.send_message(message, ephemeral=True)
+
+    async def gate(self, interaction: discord.Interaction) -> bool:
+        if self.allowed(interaction.guild_id, interaction.channel_id, interaction.user.id):
+            return True
+        await interaction.response.send_message("Sorry, this bot is not open to you here.", ephemeral=True)
+        return False
+
+    # -- events ---------------------------------------------------------------------------------
+
+    async def on_ready(self) -> None:
+        logger.info("connected to Discord as %s (id %s)", self.user, self.user.id if self.user else "?")
+
+    def addressed(self, message: discord.Message) -> str | None:
+        """The text meant for the bot: DMs, mentions (the mention removed) and replies to the bot; else None."""
+        me = self.user
+        if me is None or message.author.bot or message.author.id == me.id:
+            return None
+        text = message.content or ""
+        if message.guild is None and getattr(message.channel, "guild_id", None) is None:
+            return text
+        if me in message.mentions or re.search(rf"<@!?{me.id}>", text):
+            return re.sub(rf"<@!?{me.id}>", "", text).strip()
+        ref = message.reference.resolved if message.reference else None
+        if isinstance(ref, discord.Message) and ref.author.id == me.id:
+            return text
+        return None
+
+    async def on_message(self, message: discord.Message) -> None:
+        text = self.addressed(message)
+        if text is None:
+            return
+        guild_id = message.guild.id if message.guild else getattr(message.channel, "guild_id", None)
+        if not self.allowed(guild_id, message.channel.id, message.author.id):
+            if self.refuse_once(message.channel.id, message.author.id):
+                await message.reply("Sorry, this bot is not open to you here.", mention_author=False)
+            return
+        if not text.strip():
+            note = "I can only read text: attachments are not read." if message.attachments else None
+            await message.reply(note or "You mentioned me without a message: what would you like to say?", mention_author=False)
+            return
+        wait = self.cooling(message.author.id)
+        if wait:
+            await message.reply(f"One moment: you can send your next message in {wait:.0f}s.", mention_author=False)
+            return
+        try:
+            self.turns.clean_text(text)
+        except BadInput as exc:
+            await message.reply(str(exc), mention_author=False)
+            return
+        channel = self.channel_key(message.channel.id)
+        await self.start_turn(message.channel, None, lambda: self.turns.say(channel, text, user=str(message.author.id)),
+                              reference=message)
+
+    async def on_choice(self, interaction: discord.Interaction, session_id: str, turn: int, n: int) -> None:
+        """A story button: acknowledged at once (its buttons removed), then the story goes on."""
+        if not self.allowed(interaction.guild_id, interaction.channel_id, interaction.user.id):
+            await interaction.response.send_message("Sorry, this bot is not open to you here.", ephemeral=True)
+            return
+        channel = self.channel_key(interaction.channel_id)
+        story = self.turns.store.get(channel, Mode.STORY)
+        if story is None or story.id != session_id:
+            await interaction.response.edit_message(view=None)
+            await interaction.followup.send("This story has ended. `/story start <title>` begins a new one.", ephemeral=True)
+            return
+        if story.turns != turn or not 1 <= n <= len(story.choices):
+            await interaction.response.edit_message(view=None)
+            await interaction.followup.send("That choice belongs to an earlier passage.", ephemeral=True)
+            return
+        if self.turns.store.turn_in_flight(channel):
+            await interaction.response.send_message("I'm still writing; press again when the passage is done.", ephemeral=True)
+            return
+        choice = story.choices[n - 1]
+        content = ((interaction.message.content if interaction.message else "") + f"\n\n▶ {n}. {choice}")[-MESSAGE_LIMIT:]
+        await interaction.response.edit_message(content=content, view=None)
+        self.turns.store.set_mode(channel, Mode.STORY)
+        await self.start_turn(interaction.channel, None, lambda: self.turns.say(channel, str(n), user=str(interaction.user.id)))
+
+
+def run(settings: Settings) -> int:
+    dc = DiscordSettings.from_env()
+    dc.apply()
+    discord.VoiceClient.warn_nacl = False  # no voice here: the warning about PyNaCl says nothing useful
+    bot = ShallowDiscord(settings, dc)
+    logger.info("Discord bot starting (API %s, gateway %s)", dc.api_base_url, dc.gateway_url)
+    bot.run(dc.token, log_handler=None)  # logging is configured by the command line
+    return 0
