@@ -152,12 +152,13 @@ class FakeDiscord:
                 "permissions": "2147483647"}
 
     def post(self, channel_id: int, content: str, *, user_id: int = 1, dm: bool = False, mention: bool = False,
-             reply_to: int | None = None, attachments: list[dict] | None = None) -> dict:
+             reply_to: int | None = None, attachments: list[dict] | None = None, author_is_bot: bool = False) -> dict:
         """A user's message in a channel (a guild channel unless `dm`)."""
         if mention:
             content = f"<@{self.bot_id}> {content}".rstrip()
         msg: dict[str, Any] = {
-            "id": self._new_id(), "channel_id": str(channel_id), "author": self.user(user_id), "content": content,
+            "id": self._new_id(), "channel_id": str(channel_id), "author": dict(self.user(user_id), bot=author_is_bot),
+            "content": content,
             "timestamp": _now(), "edited_timestamp": None, "tts": False, "mention_everyone": False,
             "mentions": [self.bot_user] if mention else [], "mention_roles": [], "attachments": attachments or [],
             "embeds": [], "pinned": False, "type": 0 if reply_to is None else 19, "flags": 0, "components": [],

@@ -114,8 +114,11 @@ def test_a_mention_streams_into_a_placeholder(stack):
     assert stack.fake.calls_to("POST", f"/channels/{channel}/typing")
     # other people's messages that do not mention the bot are left alone
     stack.fake.post(channel, "just chatting among ourselves", user_id=2)
-    stack.fake.post(channel, "a bot's message", user_id=3)
-    assert stack.settled(channel)
+    stack.fake.post(channel, "another bot mentions it", user_id=3, mention=True, author_is_bot=True)
+    stack.fake.post(channel, "<@900> ping", user_id=4)  # a marker: once it is answered, the two above were seen
+    stack.wait_reply(channel, n + 1)
+    history = stack.client.store.history(f"discord:{channel}", Mode.CHAT)
+    assert [m["content"] for m in history[::2]] == ["what is the tallest mountain?", "ping"]
 
 
 def _buttons(message: dict) -> list[dict]:
@@ -170,6 +173,20 @@ def test_a_story_through_slash_commands_and_buttons(stack, tmp_path):
     press = stack.fake.press(int(second["id"]), _buttons(second)[0]["custom_id"])
     wait_for(lambda: any("This story has ended" in m["content"] for m in stack.fake.ephemeral(channel)), 10, "the stale press")
     assert not _buttons(stack.fake.messages[int(second["id"])])
+
+
+def test_story_buttons_still_work_after_a_bot_restart(stack):
+    channel = 711
+    n = stack.bot_count(channel)
+    stack.fake.slash(channel, "story", sub="start", options={"title": "The Sunken Bell"})
+    first = stack.wait_reply(channel, n)
+    stack.procs.kill(stack.bot, signal.SIGTERM)
+    stack.start_bot()
+    n = stack.bot_count(channel)
+    press = stack.fake.press(int(first["id"]), _buttons(first)[0]["custom_id"])
+    wait_for(lambda: stack.fake.responses.get(press["id"]), 10, "the press to be acknowledged by the new bot process")
+    second = stack.wait_reply(channel, n)
+    assert _buttons(second) and len(stack.client.store.history(f"discord:{channel}", Mode.STORY)) == 4
 
 
 def test_rate_limited_edits_lose_nothing(stack):
