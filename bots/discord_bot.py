@@ -19,9 +19,9 @@ import discord
 import yarl
 from discord import app_commands
 
-from bots.streaming import PendingReplies, split_text, stream_reply
+from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, split_text, status_lines
 from shared.client import Submitted, TurnClient
-from shared.errors import BadInput, ChannelBusy, ConfigError
+from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
 from shared.settings import Settings
 
@@ -36,14 +36,6 @@ HELP = (
     "`/story end` ends it, `/reset` forgets this channel's conversation, `/cancel` stops the reply being written, "
     "`/status` shows the queue."
 )
-
-
-def _ids(name: str) -> frozenset[int]:
-    raw = os.environ.get(name, "").replace(";", ",")
-    try:
-        return frozenset(int(x) for x in raw.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a comma-separated list of numeric ids, got {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -69,9 +61,9 @@ class DiscordSettings:
             token=token,
             api_base_url=os.environ.get("DISCORD_API_BASE_URL", "").strip() or cls.api_base_url,
             gateway_url=os.environ.get("DISCORD_GATEWAY_URL", "").strip() or cls.gateway_url,
-            allowed_guilds=_ids("DISCORD_ALLOWED_GUILDS"),
-            allowed_channels=_ids("DISCORD_ALLOWED_CHANNELS"),
-            allowed_users=_ids("DISCORD_ALLOWED_USERS"),
+            allowed_guilds=ids_from_env("DISCORD_ALLOWED_GUILDS"),
+            allowed_channels=ids_from_env("DISCORD_ALLOWED_CHANNELS"),
+            allowed_users=ids_from_env("DISCORD_ALLOWED_USERS"),
             cooldown=cooldown,
         )
 
@@ -160,7 +152,7 @@ class ShallowDiscord(discord.Client):
         self.settings = settings
         self.dc = dc
         self.turns = client or TurnClient(settings)
-        self.pending = PendingReplies(self.turns, "discord")
+        self.deliveries = Deliveries(self.turns, "discord", self._surface)
         self.r = self.turns.r
         self.tree = app_commands.CommandTree(self)
         self._register_commands()
@@ -181,60 +173,33 @@ class ShallowDiscord(discord.Client):
 
     def refuse_once(self, channel_id: int, user_id: int) -> bool:
         """True the first time a day that this user is told they are outside the allowlist here."""
-        return bool(self.r.set(f"shallow:dc:refused:{channel_id}:{user_id}", 1, nx=True, ex=86400))
+        return first_time(self.r, f"shallow:dc:refused:{channel_id}:{user_id}")
 
     def cooling(self, user_id: int) -> float:
-        if self.dc.cooldown <= 0:
-            return 0.0
-        key = f"shallow:dc:cool:{user_id}"
-        if self.r.set(key, 1, nx=True, px=int(self.dc.cooldown * 1000)):
-            return 0.0
-        return max(self.r.pttl(key), 1) / 1000
+        return cooldown_left(self.r, f"shallow:dc:cool:{user_id}", self.dc.cooldown)
 
     async def start_turn(self, channel: discord.abc.Messageable, placeholder: discord.Message | None,
                          submit: Callable[[], Submitted], reference: discord.Message | None = None) -> None:
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         if placeholder is None:
             placeholder = await channel.send("⏳ …", reference=reference, mention_author=False)
-        try:
-            sub = await asyncio.to_thread(submit)
-        except (BadInput, ChannelBusy) as exc:
-            await placeholder.edit(content=str(exc))
-            return
-        where = {
-            "channel_id": placeholder.channel.id,
-            "message_id": placeholder.id,
-            "session_id": sub.session.id,
-            "turn": sub.session.turns + 1,
-        }
-        self.pending.add(sub.job_id, where)
-        self.spawn(sub.job_id, where)
+        where = {"channel_id": placeholder.channel.id, "message_id": placeholder.id}
+        await self.deliveries.submit(submit, where, lambda text: placeholder.edit(content=text))
 
-    def spawn(self, job_id: str, where: dict) -> None:
-        asyncio.get_running_loop().create_task(self.deliver(job_id, where), name=f"deliver-{job_id[:8]}")
-
-    async def deliver(self, job_id: str, where: dict) -> None:
+    def _surface(self, where: dict) -> DiscordSurface:
         def view(done: Done) -> discord.ui.View | None:
             return choice_view(where["session_id"], where["turn"], done.choices) if done.choices else None
 
-        surface = DiscordSurface(self, where["channel_id"], where["message_id"], view)
-        try:
-            await stream_reply(self.turns, job_id, surface)
-        except Exception:
-            logger.exception("delivering job %s to channel %s failed", job_id, where["channel_id"])
-        finally:
-            self.pending.done(job_id)
+        return DiscordSurface(self, where["channel_id"], where["message_id"], view)
 
     # -- set-up ---------------------------------------------------------------------------------
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(ChoiceButton)  # story buttons keep working after a restart
         await self.tree.sync()
-        owed = self.pending.all()
+        owed = self.deliveries.resume()
         if owed:
-            logger.info("delivering %d replies owed from before the restart", len(owed))
-        for p in owed:
-            self.spawn(p.job_id, p.where)
+            logger.info("delivering %d replies owed from before the restart", owed)
 
     def _register_commands(self) -> None:
         story = app_commands.Group(name="story", description="A choose-your-own-adventure in this channel")
@@ -297,12 +262,7 @@ class ShallowDiscord(discord.Client):
             """/status: this channel's place in the queue and the workers alive."""
             if not await self.gate(interaction):
                 return
-            st = await asyncio.to_thread(self.turns.status)
-            job_id = self.turns.store.turn_in_flight(self.channel_key(interaction.channel_id))
-            position = await asyncio.to_thread(self.turns.position, job_id) if job_id else None
-            lines = [f"Workers alive: {len(st['workers'])}", f"Waiting in the queue: {st['queued']}, being written: {st['running']}"]
-            if job_id:
-                lines.append(f"This channel's reply: {'queued, position ' + str(position) if position else 'being written'}")
+            lines = await asyncio.to_thread(status_lines, self.turns, self.channel_key(interaction.channel_id))
             await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
         @self.tree.command(name="help", description="How to use this bot")

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.client import FollowEvent, ReplyText, TurnClient, Waiting
+import redis
+
+from shared.client import FollowEvent, ReplyText, Submitted, TurnClient, Waiting
+from shared.errors import BadInput, ChannelBusy, ConfigError
 from shared.protocol import Chunk, Done, Error, Start
 
 logger = logging.getLogger(__name__)
@@ -129,6 +133,38 @@ async def stream_reply(client: TurnClient, job_id: str, surface: Surface, *, int
     return Error(code="lost", message="The reply stream ended without a reply.")
 
 
+def ids_from_env(name: str) -> frozenset[int]:
+    """An allowlist setting: comma-separated numeric ids; empty means everyone."""
+    raw = os.environ.get(name, "").replace(";", ",")
+    try:
+        return frozenset(int(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma-separated list of numeric ids, got {raw!r}") from None
+
+
+def first_time(r: redis.Redis, key: str, ttl: int = 86400) -> bool:
+    """True once per `ttl` seconds for `key`: to tell someone something once, then stay quiet."""
+    return bool(r.set(key, 1, nx=True, ex=ttl))
+
+
+def cooldown_left(r: redis.Redis, key: str, seconds: float) -> float:
+    """Seconds left of a cooldown; 0 when none is running, in which case a new one starts."""
+    if seconds <= 0 or r.set(key, 1, nx=True, px=int(seconds * 1000)):
+        return 0.0
+    return max(r.pttl(key), 1) / 1000
+
+
+def status_lines(client: TurnClient, channel: str) -> list[str]:
+    """What /status says: workers, the queue, and where this channel's reply is (blocking: run in a thread)."""
+    st = client.status()
+    lines = [f"Workers alive: {len(st['workers'])}", f"Waiting in the queue: {st['queued']}, being written: {st['running']}"]
+    job_id = client.store.turn_in_flight(channel)
+    if job_id:
+        position = client.position(job_id)
+        lines.append(f"Your reply: {'queued, position ' + str(position) if position else 'being written'}")
+    return lines
+
+
 @dataclass(frozen=True)
 class PendingReply:
     """A reply a bot owes: which job, and where to show it (platform ids, opaque here)."""
@@ -157,3 +193,44 @@ class PendingReplies:
             data = json.loads(raw)
             out.append(PendingReply(job_id=job_id.decode(), where=data["where"], since=data["since"]))
         return sorted(out, key=lambda p: p.since)
+
+
+class Deliveries:
+    """The replies a bot owes: kept in Redis while owed, each delivered by a task that follows its stream."""
+
+    def __init__(self, client: TurnClient, platform: str, surface_for: Callable[[dict[str, Any]], Surface]) -> None:
+        self.client = client
+        self.pending = PendingReplies(client, platform)
+        self.surface_for = surface_for  # where (platform ids, session, turn) -> the Surface to show it on
+        self.tasks: set[asyncio.Task] = set()  # held so that running deliveries are not garbage-collected
+
+    async def submit(self, submit: Callable[[], Submitted], where: dict[str, Any], refuse: Callable[[str], Awaitable[Any]]) -> None:
+        """Enqueue a turn whose placeholder is at `where`; a refusal (bad input, busy channel) goes to `refuse`."""
+        try:
+            sub = await asyncio.to_thread(submit)
+        except (BadInput, ChannelBusy) as exc:
+            await refuse(str(exc))
+            return
+        where = dict(where, session_id=sub.session.id, turn=sub.session.turns + 1)
+        self.pending.add(sub.job_id, where)
+        self._spawn(sub.job_id, where)
+
+    def resume(self) -> int:
+        """Deliver what was owed when the bot last stopped. Returns how many."""
+        owed = self.pending.all()
+        for p in owed:
+            self._spawn(p.job_id, p.where)
+        return len(owed)
+
+    def _spawn(self, job_id: str, where: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._deliver(job_id, where), name=f"deliver-{job_id[:8]}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _deliver(self, job_id: str, where: dict[str, Any]) -> None:
+        try:
+            await stream_reply(self.client, job_id, self.surface_for(where))
+        except Exception:
+            logger.exception("delivering job %s to %s failed", job_id, where)
+        finally:
+            self.pending.done(job_id)

@@ -26,9 +26,9 @@ from telegram.ext import (
     filters,
 )
 
-from bots.streaming import PendingReplies, split_text, stream_reply
+from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, split_text, status_lines
 from shared.client import Submitted, TurnClient
-from shared.errors import BadInput, ChannelBusy, ConfigError
+from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
 from shared.settings import Settings
 
@@ -60,14 +60,6 @@ COMMANDS = [
 ]
 
 
-def _ids(name: str) -> frozenset[int]:
-    raw = os.environ.get(name, "").replace(";", ",")
-    try:
-        return frozenset(int(x) for x in raw.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a comma-separated list of numeric ids, got {raw!r}") from None
-
-
 @dataclass(frozen=True)
 class TelegramSettings:
     token: str
@@ -88,8 +80,8 @@ class TelegramSettings:
         return cls(
             token=token,
             base_url=os.environ.get("TELEGRAM_BASE_URL", "").strip() or cls.base_url,
-            allowed_chats=_ids("TELEGRAM_ALLOWED_CHATS"),
-            allowed_users=_ids("TELEGRAM_ALLOWED_USERS"),
+            allowed_chats=ids_from_env("TELEGRAM_ALLOWED_CHATS"),
+            allowed_users=ids_from_env("TELEGRAM_ALLOWED_USERS"),
             cooldown=cooldown,
         )
 
@@ -190,7 +182,7 @@ class TelegramBot:
         self.settings = settings
         self.tg = tg
         self.client = client or TurnClient(settings)
-        self.pending = PendingReplies(self.client, "telegram")
+        self.deliveries = Deliveries(self.client, "telegram", self._surface)
         self.r = self.client.r
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -209,18 +201,13 @@ class TelegramBot:
     async def _refuse_once(self, update: Update) -> None:
         """Outside the allowlists: say so once a day per chat, then stay quiet."""
         chat = update.effective_chat
-        if chat and self.r.set(f"shallow:tg:refused:{chat.id}", 1, nx=True, ex=86400):
+        if chat and first_time(self.r, f"shallow:tg:refused:{chat.id}"):
             await chat.send_message("Sorry, this bot is not open to this chat. Ask its owner to add you.")
 
     def _cooling(self, update: Update) -> float:
         """Seconds left of the user's cooldown, 0 when they may send a turn (which starts a new one)."""
         user = update.effective_user
-        if not user or self.tg.cooldown <= 0:
-            return 0.0
-        key = f"shallow:tg:cool:{user.id}"
-        if self.r.set(key, 1, nx=True, px=int(self.tg.cooldown * 1000)):
-            return 0.0
-        return max(self.r.pttl(key), 1) / 1000
+        return cooldown_left(self.r, f"shallow:tg:cool:{user.id}", self.tg.cooldown) if user else 0.0
 
     async def _addressed(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | None:
         """The text meant for the bot, or None: in groups only mentions and replies to the bot count."""
@@ -244,37 +231,17 @@ class TelegramBot:
             return False
         return True
 
-    async def _start_turn(self, message: Message, submit: Callable[[], Submitted], turn_offset: int = 1) -> None:
+    async def _start_turn(self, message: Message, submit: Callable[[], Submitted]) -> None:
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         placeholder = await message.reply_text("⏳ …")
-        try:
-            sub = await asyncio.to_thread(submit)
-        except (BadInput, ChannelBusy) as exc:
-            await placeholder.edit_text(str(exc))
-            return
-        where = {
-            "chat_id": placeholder.chat_id,
-            "message_id": placeholder.message_id,
-            "session_id": sub.session.id,
-            "turn": sub.session.turns + turn_offset,
-        }
-        self.pending.add(sub.job_id, where)
-        self._spawn(sub.job_id, where)
+        where = {"chat_id": placeholder.chat_id, "message_id": placeholder.message_id}
+        await self.deliveries.submit(submit, where, placeholder.edit_text)
 
-    def _spawn(self, job_id: str, where: dict) -> None:
-        self.app.create_task(self._deliver(job_id, where), name=f"deliver-{job_id[:8]}")
-
-    async def _deliver(self, job_id: str, where: dict) -> None:
+    def _surface(self, where: dict) -> TelegramSurface:
         def keyboard(done: Done) -> InlineKeyboardMarkup | None:
             return choice_keyboard(where["session_id"], where["turn"], done.choices) if done.choices else None
 
-        surface = TelegramSurface(self.app.bot, where["chat_id"], where["message_id"], keyboard)
-        try:
-            await stream_reply(self.client, job_id, surface)
-        except Exception:
-            logger.exception("delivering job %s to chat %s failed", job_id, where["chat_id"])
-        finally:
-            self.pending.done(job_id)
+        return TelegramSurface(self.app.bot, where["chat_id"], where["message_id"], keyboard)
 
     # -- commands ---------------------------------------------------------------------------------
 
@@ -359,12 +326,7 @@ class TelegramBot:
         """/status: this chat's place in the queue and the workers alive."""
         if not await self._gate(update):
             return
-        st = await asyncio.to_thread(self.client.status)
-        job_id = self.client.store.turn_in_flight(self.channel(update.effective_chat.id))
-        position = await asyncio.to_thread(self.client.position, job_id) if job_id else None
-        lines = [f"Workers alive: {len(st['workers'])}", f"Waiting in the queue: {st['queued']}, being written: {st['running']}"]
-        if job_id:
-            lines.append(f"Your reply: {'queued, position ' + str(position) if position else 'being written'}")
+        lines = await asyncio.to_thread(status_lines, self.client, self.channel(update.effective_chat.id))
         await update.effective_message.reply_text("\n".join(lines))
 
     async def unknown(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -455,11 +417,9 @@ class TelegramBot:
 
     async def post_init(self, app: Application) -> None:
         await app.bot.set_my_commands([BotCommand(c, d) for c, d in COMMANDS])
-        owed = self.pending.all()
+        owed = self.deliveries.resume()
         if owed:
-            logger.info("delivering %d replies owed from before the restart", len(owed))
-        for p in owed:
-            self._spawn(p.job_id, p.where)
+            logger.info("delivering %d replies owed from before the restart", owed)
 
     def build_app(self) -> Application:
         app = (

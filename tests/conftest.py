@@ -158,6 +158,19 @@ class Processes:
             self.kill(proc, signal.SIGTERM)
 
 
+def launch_worker(procs: Processes, env: dict[str, str], name: str, connection: redis.Redis, timeout: float = 180):
+    """Start `shallow worker --name NAME` and wait until it registers in Redis, i.e. its model is loaded."""
+    proc = procs.start(["worker", "--name", name], env, name)
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}: {proc.log_path.read_text()[-3000:]}")
+        return any(w.name == name for w in Worker.all(connection=connection))
+
+    wait_for(ready, timeout, f"the worker {name} to load the model and register")
+    return proc
+
+
 @pytest.fixture
 def processes(tmp_path) -> Iterator[Processes]:
     procs = Processes(tmp_path)
@@ -182,19 +195,8 @@ def start_worker(env, processes) -> Callable[..., subprocess.Popen]:
     """Start a `shallow worker` process and wait until it is registered in Redis (the model is loaded)."""
     counter = {"n": 0}
 
-    def start(wait: bool = True, **env_overrides: str) -> subprocess.Popen:
+    def start(**env_overrides: str) -> subprocess.Popen:
         counter["n"] += 1
-        name = f"worker{counter['n']}"
-        proc = processes.start(["worker", "--name", f"test-{name}-{os.getpid()}"], env.vars(**env_overrides), name)
-        if wait:
-            conn = env.redis.client()
-
-            def ready():
-                if proc.poll() is not None:
-                    raise AssertionError(f"worker exited with {proc.returncode}: {proc.log_path.read_text()[-2000:]}")
-                return any(w.name == f"test-{name}-{os.getpid()}" for w in Worker.all(connection=conn))
-
-            wait_for(ready, 180, "the worker to load the model and register")
-        return proc
+        return launch_worker(processes, env.vars(**env_overrides), f"test-worker{counter['n']}-{os.getpid()}", env.redis.client())
 
     return start

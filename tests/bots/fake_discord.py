@@ -7,10 +7,8 @@ READY / heartbeat / dispatch frames, interaction callbacks with `with_response`,
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +16,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.bots.fake_server import ThreadedServer
 
 MESSAGE_LIMIT = 2000
 EPHEMERAL = 64
@@ -31,19 +31,15 @@ class Call:
     at: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-class FakeDiscord:
+class FakeDiscord(ThreadedServer):
+    name = "FakeDiscord"
     def __init__(self, bot_id: int = 900, app_id: int = 901, guild_id: int = 500) -> None:
-        self.port = _free_port()
+        super().__init__()
         self.bot_id, self.app_id, self.guild_id = bot_id, app_id, guild_id
         self.bot_user = {"id": str(bot_id), "username": "shallow", "discriminator": "0", "global_name": "Shallow",
                          "avatar": None, "bot": True}
@@ -58,8 +54,6 @@ class FakeDiscord:
         self._ids = itertools.count(10_000)
         self._seq = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -71,32 +65,9 @@ class FakeDiscord:
     def gateway_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/gateway"
 
-    def start(self) -> None:
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self._loop)
-            app = web.Application()
-            app.router.add_get("/gateway", self._gateway)
-            app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
-            runner = web.AppRunner(app)
-            self._loop.run_until_complete(runner.setup())
-            self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            ready.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-discord", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the fake Discord did not start")
-
-    def stop(self) -> None:
-        if self._loop and self._thread:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
 
     def _new_id(self) -> str:
         return str(next(self._ids))
@@ -136,7 +107,7 @@ class FakeDiscord:
             for ws in list(self._sockets):
                 await self._send(ws, event, data)
 
-        asyncio.run_coroutine_threadsafe(send_all(), self._loop).result(10)
+        self.run_in_loop(send_all())
 
     def connected(self) -> int:
         return len(self._sockets)

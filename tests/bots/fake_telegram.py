@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.bots.fake_server import ThreadedServer
 
 MESSAGE_LIMIT = 4096
 
@@ -38,15 +39,11 @@ class BotState:
     commands: list[dict] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-class FakeTelegram:
+class FakeTelegram(ThreadedServer):
+    name = "FakeTelegram"
     def __init__(self) -> None:
-        self.port = _free_port()
+        super().__init__()
         self.bots: dict[str, BotState] = {}
         self.calls: list[Call] = []
         self.messages: dict[tuple[int, int], dict] = {}  # (chat_id, message_id) -> message
@@ -55,9 +52,6 @@ class FakeTelegram:
         self.lock = threading.Lock()
         self._ids = itertools.count(1)
         self._update_ids = itertools.count(1)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
 
     # -- server lifecycle -----------------------------------------------------------------------
 
@@ -68,33 +62,9 @@ class FakeTelegram:
     def add_bot(self, token: str, bot_id: int, username: str) -> None:
         self.bots[token] = BotState(token, bot_id, username)
 
-    def start(self) -> None:
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self._loop)
-            app = web.Application()
-            app.router.add_route("POST", "/bot{token}/{method}", self._handle)
-            app.router.add_route("GET", "/bot{token}/{method}", self._handle)
-            self._runner = web.AppRunner(app)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-            self._loop.run_until_complete(site.start())
-            ready.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-telegram", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the fake Telegram server did not start")
-
-    def stop(self) -> None:
-        if self._loop and self._thread:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+    def routes(self, app: web.Application) -> None:
+        app.router.add_route("POST", "/bot{token}/{method}", self._handle)
+        app.router.add_route("GET", "/bot{token}/{method}", self._handle)
 
     # -- what tests do ------------------------------------------------------------------------------
 

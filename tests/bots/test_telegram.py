@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rq import Worker
 
 from bots.streaming import WRITING_MARK
 from shared.client import TurnClient
 from shared.protocol import Mode
 from tests.bots.fake_telegram import FakeTelegram
-from tests.conftest import Env, Processes, RedisProc, wait_for
+from tests.conftest import Env, Processes, RedisProc, launch_worker, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -83,15 +82,7 @@ def stack(tmp_path_factory, model_dir):
         env = Env(redis=redis, model=model_dir, home=tmp / "home", extra={
             "TELEGRAM_BASE_URL": fake.base_url, "TELEGRAM_COOLDOWN": "0", "SHALLOW_MAX_NEW_TOKENS": "40",
         })
-        worker = procs.start(["worker", "--name", "tg-worker"], env.vars(), "worker")
-        conn = redis.client()
-
-        def worker_ready():
-            if worker.poll() is not None:
-                raise AssertionError(worker.log_path.read_text()[-3000:])
-            return any(w.name == "tg-worker" for w in Worker.all(connection=conn))
-
-        wait_for(worker_ready, 180, "the worker")
+        launch_worker(procs, env.vars(), "tg-worker", redis.client())
         s = Stack(fake=fake, env=env, procs=procs, client=TurnClient(env.settings()))
         s.start_bot()
         yield s

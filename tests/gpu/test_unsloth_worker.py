@@ -15,7 +15,7 @@ import pytest
 from shared.client import TurnClient
 from shared.protocol import Mode
 from shared.settings import GenerationSettings, Settings
-from tests.conftest import wait_for
+from tests.conftest import launch_worker
 from tests.e2e.helpers import Done, chunks_of, collect
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -57,17 +57,7 @@ def test_unsloth_worker_streams_replies_through_redis(redis_proc, processes, lla
         SHALLOW_ADAPTER=adapter_dir, SHALLOW_MAX_NEW_TOKENS="64", SHALLOW_TEMPERATURE="0", SHALLOW_HOME=str(tmp_path),
         PYTHONUNBUFFERED="1",
     )
-    worker = processes.start(["worker", "--name", "gpu-worker"], env, "gpu-worker")
-    from rq import Worker
-
-    conn = redis_proc.client()
-
-    def ready():
-        if worker.poll() is not None:
-            raise AssertionError(worker.log_path.read_text()[-3000:])
-        return any(w.name == "gpu-worker" for w in Worker.all(connection=conn))
-
-    wait_for(ready, 600, "the unsloth worker to load")
+    worker = launch_worker(processes, env, "gpu-worker", redis_proc.client(), timeout=600)
     log = worker.log_path.read_text()
     assert "loaded unsloth backend" in log and f"adapter {adapter_dir}" in log, log[-2000:]
 
