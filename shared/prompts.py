@@ -45,6 +45,7 @@ def story_action(text: str, choices: Sequence[str]) -> str:
 def clean_choice(text: str) -> str:
     """One generated choice line, tidied: first line only, no markup or quotes around it."""
     line = text.strip().splitlines()[0] if text.strip() else ""
+    line = re.sub(r"^\(?\d+[.):]\)?\s+", "", line.strip())  # the model repeated the number it was given
     return line.strip(" *_`\"'").strip()
 
 

@@ -50,6 +50,7 @@ class FakeDiscord(ThreadedServer):
         self.responses: dict[str, list[dict]] = {}  # interaction id -> callback bodies
         self.rate_limits: dict[str, list[float]] = {}  # "METHOD /path/prefix" -> retry_after values to answer with
         self.identified = 0
+        self.slash_log: list[tuple[int, str, str]] = []  # (order, channel id, "user1> /story start title: ...")
         self.lock = threading.Lock()
         self._ids = itertools.count(10_000)
         self._seq = itertools.count(1)
@@ -176,6 +177,9 @@ class FakeDiscord(ThreadedServer):
         cmd = next((c for c in self.commands if c["name"] == name), None)
         if cmd is None:
             raise AssertionError(f"/{name} was not registered; registered: {[c['name'] for c in self.commands]}")
+        shown = " ".join(x for x in (f"/{name}", sub, *(f"{k}: {v}" for k, v in (options or {}).items())) if x)
+        with self.lock:
+            self.slash_log.append((next(self._ids), str(channel_id), f"user{user_id}> {shown}"))
         opts = [{"type": 3, "name": k, "value": v} for k, v in (options or {}).items()]
         if sub:
             opts = [{"type": 1, "name": sub, "options": opts}]
@@ -214,14 +218,18 @@ class FakeDiscord(ThreadedServer):
             return [c for c in self.calls if c.method == method and path_part in c.path]
 
     def transcript(self, channel_id: int) -> str:
-        lines = []
+        """The channel as its members saw it: messages in order (final text), buttons, and slash commands used."""
+        entries: list[tuple[int, list[str]]] = []
         for m in self.channel_messages(channel_id, public=False):
             who = "bot" if m["author"]["id"] == str(self.bot_id) else m["author"]["username"]
             flag = " (only you can see this)" if m.get("flags", 0) & EPHEMERAL else ""
-            lines.append(f"{who}{flag}> {m.get('_command') or m['content']}")
+            lines = [f"{who}{flag}> {m['content']}"]
             for row in m.get("components", []):
                 lines.append("    " + " | ".join(f"[{c.get('label')}]" for c in row.get("components", [])))
-        return "\n".join(lines)
+            entries.append((int(m["id"]), lines))
+        with self.lock:
+            entries += [(order, [text]) for order, ch, text in self.slash_log if ch == str(channel_id)]
+        return "\n".join(line for _, lines in sorted(entries) for line in lines)
 
     # -- REST -----------------------------------------------------------------------------------------
 
@@ -294,7 +302,7 @@ class FakeDiscord(ThreadedServer):
     def _components(self, body: dict) -> list:
         return body.get("components") or []
 
-    def _create(self, channel_id: str, body: dict, flags: int | None = None, command: str | None = None) -> dict:
+    def _create(self, channel_id: str, body: dict, flags: int | None = None) -> dict:
         content = body.get("content") or ""
         if len(content) > MESSAGE_LIMIT:
             raise ApiError(400, 50035, "Invalid Form Body: content: Must be 2000 or fewer in length.")
@@ -311,8 +319,6 @@ class FakeDiscord(ThreadedServer):
             msg["type"] = 19
             msg["message_reference"] = ref
             msg["referenced_message"] = self.messages[int(ref["message_id"])]
-        if command:
-            msg["_command"] = command
         with self.lock:
             self.messages[int(msg["id"])] = msg
         return msg

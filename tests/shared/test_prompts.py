@@ -52,6 +52,8 @@ def test_story_action_maps_numbers_to_choices_and_keeps_free_text():
 def test_clean_choice_tidies_one_line():
     assert clean_choice(' **Open the door**\n2. Run') == "Open the door"
     assert clean_choice("   ") == ""
+    assert clean_choice("1. I look around") == "I look around"  # a repeated number goes
+    assert clean_choice("10 feet away, I run") == "10 feet away, I run"  # a number that is part of the text stays
 
 
 def test_story_prompt_names_the_title_and_asks_for_numbered_choices():
