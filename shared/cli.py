@@ -78,6 +78,20 @@ def cmd_discord(args: argparse.Namespace, settings: Settings) -> int:
     return run(settings)
 
 
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from training.train import main
+
+    configure_logging("INFO")
+    return main(args.rest)
+
+
+def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
+    from training.sweep import main
+
+    configure_logging("INFO")
+    return main(args.rest)
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging("WARNING")
     from shared.client import TurnClient
@@ -177,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("discord", help="the Discord bot (DISCORD_BOT_TOKEN; DISCORD_API_BASE_URL, DISCORD_GATEWAY_URL for a proxy)")
     p.set_defaults(func=cmd_discord)
 
+    # train and sweep parse their own flags (trl's parser: dataclasses + YAML); they get the rest as is
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter (resumes by itself; shallow train --help)", add_help=False)
+    p.set_defaults(func=cmd_train, passthrough=True)
+
+    p = sub.add_parser("sweep", help="the lab's hyperparameter study, with plots (shallow sweep --help)", add_help=False)
+    p.set_defaults(func=cmd_sweep, passthrough=True)
+
     p = sub.add_parser("status", help="queue depth, workers alive, jobs running and failed")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts and health checks")
     p.set_defaults(func=cmd_status)
@@ -187,7 +208,11 @@ EXIT_CODES = {RedisUnavailable: 2, ConfigError: 2, ModelNotFound: 3}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         settings = Settings.from_env()
         return int(args.func(args, settings) or 0)

@@ -1,0 +1,166 @@
+"""`shallow train` on the CPU with SmolLM2-135M: resume after kill -9, cut-short checkpoints, data forms, the adapter in the worker."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.client import TurnClient
+from shared.protocol import Done
+from tests.conftest import ROOT, Processes, launch_worker, wait_for
+from training.train import complete, latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TOPICS = ["the sea", "mountains", "bread", "dragons", "the moon", "rivers", "castles", "owls"]
+
+
+def write_sharegpt(path: Path, n: int = 24) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            t = TOPICS[i % len(TOPICS)]
+            f.write(json.dumps({"conversations": [
+                {"from": "human", "value": f"Tell me about {t}."},
+                {"from": "gpt", "value": f"Arr, matey! {t.capitalize()} be a fine thing, says the pirate. Yo ho ho!"},
+            ]}) + "\n")
+    return path
+
+
+def args_for(model_dir: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--base-model", model_dir, "--dataset", str(data), "--output-dir", str(out), "--max-steps", "6",
+            "--save-steps", "2", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1",
+            "--max-seq-length", "128", "--warmup-steps", "1", "--learning-rate", "1e-3", *extra]
+
+
+def run_train(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SHALLOW_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, model_dir):
+    """An uninterrupted 6-step run on pirate-talk data: the reference for resume, and an adapter for the worker."""
+    tmp = tmp_path_factory.mktemp("train")
+    data = write_sharegpt(tmp / "pirate.jsonl")
+    out = tmp / "run-a"
+    proc = run_train(args_for(model_dir, data, out), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, out
+
+
+def test_a_run_writes_its_adapter_record_history_and_plot(trained):
+    _, out = trained
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer_config.json",
+                 "run.json", "history.json", "history.csv", "loss.png"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "run.json").read_text())
+    assert record["global_step"] == 6 and record["backend"] == "transformers" and record["tokens_per_second"] > 0
+    assert record["config"]["lora_r"] == 16 and record["versions"]["trl"] == "1.12.0"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kill_9_between_checkpoints_then_the_same_command_resumes_and_matches(trained, model_dir, tmp_path):
+    data, reference = trained
+    out = tmp_path / "run-b"
+    args = args_for(model_dir, data, out)
+    env = dict(os.environ, SHALLOW_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    procs = Processes(tmp_path)
+    try:
+        proc = procs.start(args, env, "interrupted")
+        wait_for(lambda: (out / "checkpoint-2").is_dir() and complete(out / "checkpoint-2") is None or proc.poll() is not None,
+                 240, "the first checkpoint")
+        assert proc.poll() is None, proc.log_path.read_text()[-2000:]
+        procs.kill(proc)  # SIGKILL after checkpoint-2, before the run ends
+    finally:
+        procs.stop_all()
+    assert not (out / "adapter").exists()
+    # a checkpoint cut short by the kill (here: made so on purpose) is skipped, not fatal
+    broken = out / "checkpoint-5"
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    assert latest_checkpoint(out).name in ("checkpoint-2", "checkpoint-4")
+
+    resumed = run_train(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "skipping checkpoint-5" in resumed.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["resumed_from"] in ("checkpoint-2", "checkpoint-4") and record["global_step"] == 6
+    # the same steps, the same schedule, the same adapter as the run that was never interrupted
+    ref_hist = {r["step"]: r for r in json.loads((reference / "history.json").read_text()) if "loss" in r}
+    new_hist = {r["step"]: r for r in json.loads((out / "history.json").read_text()) if "loss" in r}
+    for step in new_hist:
+        assert new_hist[step]["learning_rate"] == pytest.approx(ref_hist[step]["learning_rate"])
+        assert new_hist[step]["loss"] == pytest.approx(ref_hist[step]["loss"], rel=1e-3)
+    import torch
+
+    a, b = adapter_tensors(reference / "adapter"), adapter_tensors(out / "adapter")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_a_messages_file_trains_and_no_resume_starts_afresh(model_dir, tmp_path):
+    data = tmp_path / "messages.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": f"Count to {i}."},
+        {"role": "assistant", "content": " ".join(str(k) for k in range(1, i + 2))}]}) for i in range(6)) + "\n")
+    out = tmp_path / "run"
+    args = args_for(model_dir, data, out)
+    args[args.index("--max-steps") + 1] = "2"
+    first = run_train(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_train([*args, "--no-resume"], tmp_path)
+    assert again.returncode == 0 and "resuming" not in again.stdout
+    assert json.loads((out / "run.json").read_text())["resumed_from"] is None
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"text": "just text"}], "row 0: expected a 'conversations' list of {from, value}"),
+        ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]}],
+         "row 0: each 'conversations' entry must be"),
+        ([{"messages": [{"role": "user", "content": "hi"}]}], "row 0: the conversation has no assistant turn"),
+    ],
+)
+def test_malformed_data_stops_with_the_row_and_what_was_expected(model_dir, tmp_path, rows, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = run_train(args_for(model_dir, data, tmp_path / "out"), tmp_path)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_config_keys_are_an_error(model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 0.0002\nlerning_rate: 0.1\n")
+    proc = run_train(["train", "--config", str(config)], tmp_path)
+    assert proc.returncode != 0 and "lerning_rate" in proc.stderr
+
+
+def test_the_adapter_loads_in_the_worker_and_changes_its_reply(trained, env, processes):
+    _, out = trained
+    replies = {}
+    for name, adapter in (("base", ""), ("tuned", str(out / "adapter"))):
+        proc = launch_worker(processes, env.vars(SHALLOW_ADAPTER=adapter, SHALLOW_MAX_NEW_TOKENS="24"), f"w-{name}",
+                             env.redis.client())
+        client = TurnClient(env.settings())
+        sub = client.say(f"console:{name}", "Tell me about the sea.")
+        events = list(client.follow(sub.job_id, timeout=240, poll=0.5))
+        assert isinstance(events[-1], Done), events[-1]
+        replies[name] = events[-1].text
+        processes.kill(proc, signal.SIGTERM)
+    assert replies["base"] != replies["tuned"], replies  # greedy decoding: only the adapter can change it

