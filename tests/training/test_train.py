@@ -131,17 +131,42 @@ def test_a_messages_file_trains_and_no_resume_starts_afresh(model_dir, tmp_path)
     "rows, message",
     [
         ([{"text": "just text"}], "row 0: expected a 'conversations' list of {from, value}"),
+        ([{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]}, {"prompt": "x"}],
+         "row 1: expected a 'conversations' list of {from, value}"),
         ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]}],
          "row 0: each 'conversations' entry must be"),
         ([{"messages": [{"role": "user", "content": "hi"}]}], "row 0: the conversation has no assistant turn"),
     ],
 )
-def test_malformed_data_stops_with_the_row_and_what_was_expected(model_dir, tmp_path, rows, message):
+def test_malformed_data_is_refused_naming_the_row(tmp_path, rows, message):
+    from training.data import DataError, load_conversations
+
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError) as info:
+        load_conversations(str(data))
+    assert message in str(info.value)
+
+
+def test_malformed_data_stops_the_command_with_one_clear_line(model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "just text"}) + "\n")
     proc = run_train(args_for(model_dir, data, tmp_path / "out"), tmp_path)
     assert proc.returncode == 1
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "row 0: expected a 'conversations' list of {from, value}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_parquet_file_loads(tmp_path):
+    import datasets
+
+    from training.data import load_conversations
+
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}] * 5
+                               ).to_parquet(str(path))
+    ds = load_conversations(str(path), subset=3)
+    assert len(ds) == 3 and ds[0]["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 
 def test_unknown_config_keys_are_an_error(model_dir, tmp_path):
