@@ -189,3 +189,20 @@ def test_the_adapter_loads_in_the_worker_and_changes_its_reply(trained, env, pro
         replies[name] = events[-1].text
         processes.kill(proc, signal.SIGTERM)
     assert replies["base"] != replies["tuned"], replies  # greedy decoding: only the adapter can change it
+
+
+def test_validation_keeps_the_best_adapter_and_stops_early(trained, model_dir, tmp_path):
+    data, _ = trained
+    out = tmp_path / "run"
+    args = args_for(model_dir, data, out, "--eval-fraction", "0.25", "--eval-steps", "1", "--early-stopping-patience", "1")
+    args[args.index("--learning-rate") + 1] = "0.5"  # far too high: the eval loss gets worse and the run stops
+    args[args.index("--max-steps") + 1] = "8"
+    proc = run_train(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    evals = [r["eval_loss"] for r in json.loads((out / "history.json").read_text()) if "eval_loss" in r]
+    assert record["stopped_early"] and record["global_step"] < 8
+    assert record["best_eval_loss"] == pytest.approx(min(evals))
+    best, served = adapter_tensors(out / "best-adapter"), adapter_tensors(out / "adapter")
+    assert all((best[k] == served[k]).all() for k in best)  # the adapter to serve is the best one, not the last
+    assert (out / "last-adapter" / "adapter_model.safetensors").is_file()
