@@ -37,9 +37,14 @@ def _default_channel() -> str:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging("INFO")
+    gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
+    if (args.processes and args.processes > 1) or gpus:
+        from worker.supervisor import supervise
+
+        return supervise(args.processes, gpus, args.name)
     from worker.main import run
 
-    configure_logging("INFO")
     return run(settings, burst=args.burst, name=args.name)
 
 
@@ -169,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="load the model once and serve the queue (an RQ SimpleWorker)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--name", help="the worker's name in Redis (default: RQ's host.pid-based name)")
+    p.add_argument("--processes", type=int, help="run N worker processes on this box (each loads the model once)")
+    p.add_argument("--gpus", help="comma-separated GPU ids: one worker process per GPU (or --processes spread over them)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("chat", help="chat in the terminal through the queue (needs a worker)")

@@ -88,6 +88,7 @@ class Settings:
     job_timeout: int = 300  # one reply; a hung generation must not hold a worker forever
     job_retries: int = 2  # a worker that dies mid-reply hands the job on
     heartbeat_ttl: int = 15  # a dead worker's job is handed on this many seconds after its last beat
+    stop_timeout: int = 60  # on SIGTERM a worker finishes its reply for at most this long (a long reply is ~30 s)
     max_input_chars: int = 2000  # Discord's own message limit; longer is almost always a paste by mistake
     max_title_chars: int = 100
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -116,6 +117,7 @@ class Settings:
             job_timeout=_int("SHALLOW_JOB_TIMEOUT", cls.job_timeout, 10),
             job_retries=_int("SHALLOW_JOB_RETRIES", cls.job_retries, 0),
             heartbeat_ttl=_int("SHALLOW_HEARTBEAT_TTL", cls.heartbeat_ttl, 3),
+            stop_timeout=_int("SHALLOW_STOP_TIMEOUT", cls.stop_timeout, 0),
             max_input_chars=_int("SHALLOW_MAX_INPUT_CHARS", cls.max_input_chars, 1),
             max_title_chars=_int("SHALLOW_MAX_TITLE_CHARS", cls.max_title_chars, 1),
             generation=GenerationSettings.from_env(),

@@ -8,6 +8,8 @@ within `SHALLOW_HEARTBEAT_TTL` seconds and any other worker's maintenance hands 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 
 from rq import Queue, SimpleWorker
@@ -27,9 +29,23 @@ logger = logging.getLogger(__name__)
 class ShallowWorker(SimpleWorker):
     """RQ's SimpleWorker with a heartbeat thread while a job runs and a short abandonment time."""
 
-    def __init__(self, *args, heartbeat_ttl: int = 15, **kwargs) -> None:
+    def __init__(self, *args, heartbeat_ttl: int = 15, stop_timeout: float = 60.0, **kwargs) -> None:
         self.heartbeat_ttl = heartbeat_ttl
+        self.stop_timeout = stop_timeout
         super().__init__(*args, **kwargs)
+
+    def handle_warm_shutdown_request(self) -> None:
+        """First SIGTERM: finish the reply being written, for at most `stop_timeout` seconds, then exit.
+
+        RQ itself turns a second SIGTERM into a cold shutdown; the timer sends that second signal when the
+        bound passes. A job cut off that way is abandoned, and another worker retries it (one reply: see jobs.py).
+        """
+        super().handle_warm_shutdown_request()
+        if self.get_state() == WorkerStatus.BUSY and self.stop_timeout > 0:
+            logger.info("finishing the current reply first (at most %.0fs); a second SIGTERM stops at once", self.stop_timeout)
+            timer = threading.Timer(self.stop_timeout, os.kill, args=(os.getpid(), signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.heartbeat_ttl
@@ -66,6 +82,7 @@ def build_worker(settings: Settings, connection, name: str | None = None) -> Sha
         serializer=JSONSerializer,
         name=name,
         heartbeat_ttl=settings.heartbeat_ttl,
+        stop_timeout=settings.stop_timeout,
         # idle workers wake every few seconds (worker_ttl - 15) to beat and run maintenance, which is
         # where abandoned jobs of dead workers are found and retried
         worker_ttl=20,
