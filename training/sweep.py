@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from shared.errors import ConfigError
-from training.train import TrainConfig, epoch_losses, train
+from training.train import TrainConfig, epoch_losses, parse_config, train
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +126,5 @@ def write_table(runs, results: dict[str, dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl import TrlParser
-
-    parser = TrlParser([SweepConfig], prog="shallow sweep")
-    try:
-        (cfg,) = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    run_sweep(cfg)
+    run_sweep(parse_config(argv, SweepConfig, "shallow sweep"))
     return 0

@@ -101,13 +101,12 @@ class TrainConfig:
     merge_16bit: bool = field(default=False, metadata={"help": "also write merged 16-bit weights to OUTPUT/merged"})
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: str = "shallow train"):
     """Flags over an optional YAML file (--config), trl's way; unknown keys are an error."""
     from trl import TrlParser
 
-    parser = TrlParser([TrainConfig], prog="shallow train")
     try:
-        (cfg,) = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+        (cfg,) = TrlParser([cls], prog=prog).parse_args_and_config(args=argv, fail_with_unknown_args=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return cfg
