@@ -179,7 +179,7 @@ class ShallowDiscord(discord.Client):
         return cooldown_left(self.r, f"shallow:dc:cool:{user_id}", self.dc.cooldown)
 
     async def start_turn(self, channel: discord.abc.Messageable, placeholder: discord.Message | None,
-                         submit: Callable[[], Submitted], reference: discord.Message | None = None) -> None:
+                         submit: Callable[[str], Submitted], reference: discord.Message | None = None) -> None:
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         if placeholder is None:
             placeholder = await channel.send("⏳ …", reference=reference, mention_author=False)
@@ -188,7 +188,7 @@ class ShallowDiscord(discord.Client):
 
     def _surface(self, where: dict) -> DiscordSurface:
         def view(done: Done) -> discord.ui.View | None:
-            return choice_view(where["session_id"], where["turn"], done.choices) if done.choices else None
+            return choice_view(where["session_id"], where["turn"], done.choices) if done.choices and "session_id" in where else None
 
         return DiscordSurface(self, where["channel_id"], where["message_id"], view)
 
@@ -221,7 +221,7 @@ class ShallowDiscord(discord.Client):
             if placeholder is None:
                 placeholder = await interaction.original_response()
             await self.start_turn(interaction.channel, placeholder,
-                                  lambda: self.turns.start_story(channel, title, user=str(interaction.user.id)))
+                                  lambda job_id: self.turns.start_story(channel, title, user=str(interaction.user.id), job_id=job_id))
 
         @story.command(name="end", description="End the story in this channel")
         async def story_end(interaction: discord.Interaction) -> None:
@@ -328,7 +328,7 @@ class ShallowDiscord(discord.Client):
             await message.reply(str(exc), mention_author=False)
             return
         channel = self.channel_key(message.channel.id)
-        await self.start_turn(message.channel, None, lambda: self.turns.say(channel, text, user=str(message.author.id)),
+        await self.start_turn(message.channel, None, lambda job_id: self.turns.say(channel, text, user=str(message.author.id), job_id=job_id),
                               reference=message)
 
     async def on_choice(self, interaction: discord.Interaction, session_id: str, turn: int, n: int) -> None:
@@ -353,7 +353,7 @@ class ShallowDiscord(discord.Client):
         content = ((interaction.message.content if interaction.message else "") + f"\n\n▶ {n}. {choice}")[-MESSAGE_LIMIT:]
         await interaction.response.edit_message(content=content, view=None)
         self.turns.store.set_mode(channel, Mode.STORY)
-        await self.start_turn(interaction.channel, None, lambda: self.turns.say(channel, str(n), user=str(interaction.user.id)))
+        await self.start_turn(interaction.channel, None, lambda job_id: self.turns.say(channel, str(n), user=str(interaction.user.id), job_id=job_id))
 
 
 def run(settings: Settings) -> int:

@@ -17,7 +17,7 @@ import redis
 
 from shared.client import FollowEvent, ReplyText, Submitted, TurnClient, Waiting
 from shared.errors import BadInput, ChannelBusy, ConfigError
-from shared.protocol import Chunk, Done, Error, Start
+from shared.protocol import Chunk, Done, Error, Start, new_id
 
 logger = logging.getLogger(__name__)
 
@@ -204,13 +204,23 @@ class Deliveries:
         self.surface_for = surface_for  # where (platform ids, session, turn) -> the Surface to show it on
         self.tasks: set[asyncio.Task] = set()  # held so that running deliveries are not garbage-collected
 
-    async def submit(self, submit: Callable[[], Submitted], where: dict[str, Any], refuse: Callable[[str], Awaitable[Any]]) -> None:
-        """Enqueue a turn whose placeholder is at `where`; a refusal (bad input, busy channel) goes to `refuse`."""
+    async def submit(self, submit: Callable[[str], Submitted], where: dict[str, Any], refuse: Callable[[str], Awaitable[Any]]) -> None:
+        """Enqueue a turn (submit(job_id)) whose placeholder is at `where`; a refusal goes to `refuse`.
+
+        The reply is recorded as owed before the job is enqueued, so a bot killed at any point after
+        this starts delivers it (or says it was lost) when it comes back.
+        """
+        job_id = new_id()
+        self.pending.add(job_id, where)
         try:
-            sub = await asyncio.to_thread(submit)
+            sub = await asyncio.to_thread(submit, job_id)
         except (BadInput, ChannelBusy) as exc:
+            self.pending.done(job_id)
             await refuse(str(exc))
             return
+        except BaseException:
+            self.pending.done(job_id)
+            raise
         where = dict(where, session_id=sub.session.id, turn=sub.session.turns + 1)
         self.pending.add(sub.job_id, where)
         self._spawn(sub.job_id, where)

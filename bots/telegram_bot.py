@@ -231,7 +231,7 @@ class TelegramBot:
             return False
         return True
 
-    async def _start_turn(self, message: Message, submit: Callable[[], Submitted]) -> None:
+    async def _start_turn(self, message: Message, submit: Callable[[str], Submitted]) -> None:
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         placeholder = await message.reply_text("⏳ …")
         where = {"chat_id": placeholder.chat_id, "message_id": placeholder.message_id}
@@ -239,7 +239,7 @@ class TelegramBot:
 
     def _surface(self, where: dict) -> TelegramSurface:
         def keyboard(done: Done) -> InlineKeyboardMarkup | None:
-            return choice_keyboard(where["session_id"], where["turn"], done.choices) if done.choices else None
+            return choice_keyboard(where["session_id"], where["turn"], done.choices) if done.choices and "session_id" in where else None
 
         return TelegramSurface(self.app.bot, where["chat_id"], where["message_id"], keyboard)
 
@@ -276,7 +276,7 @@ class TelegramBot:
         except BadInput as exc:
             await msg.reply_text(str(exc))
             return
-        await self._start_turn(msg, lambda: self.client.start_story(channel, title, user=_user(update)))
+        await self._start_turn(msg, lambda job_id: self.client.start_story(channel, title, user=_user(update), job_id=job_id))
 
     async def end(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/end: end the story."""
@@ -354,14 +354,14 @@ class TelegramBot:
                 self.r.set(f"shallow:tg:title:{msg.chat_id}", 1, ex=AWAIT_TITLE_TTL)
                 await msg.reply_text(f"{exc}")
                 return
-            await self._start_turn(msg, lambda: self.client.start_story(channel, text, user=_user(update)))
+            await self._start_turn(msg, lambda job_id: self.client.start_story(channel, text, user=_user(update), job_id=job_id))
             return
         try:
             self.client.clean_text(text)
         except BadInput as exc:
             await msg.reply_text(str(exc))
             return
-        await self._start_turn(msg, lambda: self.client.say(channel, text, user=_user(update)))
+        await self._start_turn(msg, lambda job_id: self.client.say(channel, text, user=_user(update), job_id=job_id))
 
     async def not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Stickers, photos, voice, files: explain that only text is read."""
@@ -402,7 +402,7 @@ class TelegramBot:
         await query.answer(f"You chose: {story.choices[choice_no - 1]}"[:190])
         await _drop_keyboard(query, f"▶ {choice_no}. {story.choices[choice_no - 1]}")
         self.client.store.set_mode(channel, Mode.STORY)
-        await self._start_turn(query.message, lambda: self.client.say(channel, str(choice_no), user=_user(update)))
+        await self._start_turn(query.message, lambda job_id: self.client.say(channel, str(choice_no), user=_user(update), job_id=job_id))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log every handler error with its traceback; the user gets a short apology, never the traceback."""

@@ -109,28 +109,34 @@ class TurnClient:
 
     # -- turns ----------------------------------------------------------------------------------
 
-    def say(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None) -> Submitted:
+    # Each turn method takes an optional job_id: a bot that records "reply owed" before it enqueues
+    # (so that a crash in between loses nothing) chooses the id first.
+
+    def say(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
+            job_id: str | None = None) -> Submitted:
         """A message in the channel: a chat turn, or the next action of the channel's story."""
         text = self.clean_text(text)
         mode = self.store.mode(channel)
         if mode is Mode.STORY:
             story = self.store.get(channel, Mode.STORY)
             if story is not None:
-                return self._submit(channel, story, story_action(text, story.choices), text, user, reply_to)
+                return self._submit(channel, story, story_action(text, story.choices), text, user, reply_to, job_id)
             self.store.set_mode(channel, Mode.CHAT)  # the story expired: back to chat
-        return self._submit(channel, self.store.chat(channel), text, text, user, reply_to)
+        return self._submit(channel, self.store.chat(channel), text, text, user, reply_to, job_id)
 
-    def chat(self, channel: str, text: str | None, **kw) -> Submitted:
+    def chat(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
+             job_id: str | None = None) -> Submitted:
         """A chat turn, whatever the channel's mode was (a running story is kept)."""
         text = self.clean_text(text)
-        return self._submit(channel, self.store.chat(channel), text, text, kw.get("user"), kw.get("reply_to"))
+        return self._submit(channel, self.store.chat(channel), text, text, user, reply_to, job_id)
 
-    def start_story(self, channel: str, title: str | None, *, user: str | None = None, reply_to: dict | None = None) -> Submitted:
+    def start_story(self, channel: str, title: str | None, *, user: str | None = None, reply_to: dict | None = None,
+                    job_id: str | None = None) -> Submitted:
         """A new story from its title; its first passage is the reply."""
         title = self.clean_title(title)
         self._check_free(channel)
         story = self.store.start_story(channel, title)
-        return self._submit(channel, story, "", f"/story {title}", user, reply_to)
+        return self._submit(channel, story, "", f"/story {title}", user, reply_to, job_id)
 
     def end_story(self, channel: str) -> Session | None:
         return self.store.end_story(channel)
@@ -157,7 +163,8 @@ class TurnClient:
         return job.get_status() in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, JobStatus.FINISHED)
 
     def _submit(
-        self, channel: str, session: Session, text: str, user_text: str, user: str | None, reply_to: dict | None
+        self, channel: str, session: Session, text: str, user_text: str, user: str | None, reply_to: dict | None,
+        job_id: str | None = None,
     ) -> Submitted:
         s = self.settings
         request = TurnRequest(
@@ -166,7 +173,7 @@ class TurnClient:
             session_id=session.id,
             text=text,
             user_text=user_text,
-            job_id=new_id(),
+            job_id=job_id or new_id(),
             title=session.title,
             user=user,
             reply_to=reply_to or {},

@@ -197,8 +197,8 @@ def test_a_reply_interrupted_by_a_bot_restart_is_delivered_after_it(stack):
     stack.fake.post(channel, "Describe a thunderstorm at sea.", mention=True)
     wait_for(lambda: stack.bot_count(channel) > n, 30, "the placeholder")
     placeholder = stack.fake.channel_messages(channel, bot_only=True)[-1]
+    wait_for(lambda: stack.client.r.hlen("shallow:pending:discord") == 1, 30, "the reply recorded as owed")
     stack.procs.kill(stack.bot, signal.SIGKILL)
-    assert stack.client.r.hlen("shallow:pending:discord") == 1
     stack.start_bot()
     wait_for(lambda: stack.settled(channel), 180, "the owed reply")
     history = stack.client.store.history(f"discord:{channel}", Mode.CHAT)

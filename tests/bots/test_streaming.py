@@ -61,3 +61,37 @@ def test_a_long_final_reply_is_split_at_4096_and_the_keyboard_goes_last(monkeypa
         assert "reply_markup" in msgs[-1] and all("reply_markup" not in m for m in msgs[:-1])
     finally:
         fake.stop()
+
+
+def test_a_reply_is_recorded_as_owed_before_its_job_is_enqueued(redis_proc, tmp_path):
+    """A bot killed between enqueueing a turn and noting it would leave a reply no one delivers."""
+    from dataclasses import replace
+
+    from bots.streaming import Deliveries
+    from shared.client import TurnClient
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    deliveries = Deliveries(client, "test", surface_for=lambda where: None)
+    seen: dict[str, object] = {}
+    refused: list[str] = []
+
+    def submit(job_id: str):
+        seen["owed_at_enqueue"] = client.r.hexists("shallow:pending:test", job_id)
+        return client.say("test:1", "hello", job_id=job_id)
+
+    async def refuse(text: str) -> None:
+        refused.append(text)
+
+    async def run() -> None:
+        deliveries._spawn = lambda job_id, where: seen.setdefault("spawned", (job_id, where))  # no follower here
+        await deliveries.submit(submit, {"chat": 1}, refuse)
+        await deliveries.submit(lambda job_id: client.say("test:2", "   ", job_id=job_id), {"chat": 2}, refuse)
+
+    asyncio.run(run())
+    job_id, where = seen["spawned"]
+    assert seen["owed_at_enqueue"] is True
+    assert client.queue.fetch_job(job_id) is not None  # enqueued under the id chosen first
+    owed = {p.job_id: p.where for p in deliveries.pending.all()}
+    assert owed == {job_id: dict(where)} and where["chat"] == 1 and "session_id" in where
+    assert refused and "empty" in refused[0]  # the refused turn is told and not left owed

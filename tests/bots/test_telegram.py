@@ -193,8 +193,8 @@ def test_a_reply_interrupted_by_a_bot_restart_is_delivered_after_it(stack):
     stack.fake.send(TOKEN, chat, "Describe a sunrise over the mountains.")
     wait_for(lambda: stack.fake.bot_messages(chat), 30, "the placeholder")
     placeholder = stack.fake.bot_messages(chat)[0]["message_id"]
+    wait_for(lambda: stack.client.r.hlen("shallow:pending:telegram") == 1, 30, "the reply recorded as owed")
     stack.procs.kill(stack.bot, signal.SIGKILL)  # mid-reply: the worker goes on writing
-    assert stack.client.r.hlen("shallow:pending:telegram") == 1
     stack.start_bot()
     stack.wait_settled(chat)
     history = stack.client.store.history(f"telegram:{chat}", Mode.CHAT)
