@@ -83,6 +83,18 @@ def cmd_discord(args: argparse.Namespace, settings: Settings) -> int:
     return run(settings)
 
 
+def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from bots.web import run
+    except ModuleNotFoundError as exc:
+        if exc.name != "gradio":
+            raise
+        raise ConfigError("shallow web needs Gradio: pip install 'shallow[web]' (./scripts/setup installs it)") from None
+
+    configure_logging("INFO")
+    return run(settings, host=args.host, port=args.port)
+
+
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from training.train import main
 
@@ -197,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discord", help="the Discord bot (DISCORD_BOT_TOKEN; DISCORD_API_BASE_URL, DISCORD_GATEWAY_URL for a proxy)")
     p.set_defaults(func=cmd_discord)
+
+    p = sub.add_parser("web", help="the Chat and Story pages in a browser (Gradio; 127.0.0.1:7860 unless set)")
+    p.add_argument("--host", help="address to listen on (SHALLOW_WEB_HOST, default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (SHALLOW_WEB_PORT, default 7860)")
+    p.set_defaults(func=cmd_web)
 
     # train and sweep parse their own flags (trl's parser: dataclasses + YAML); they get the rest as is
     p = sub.add_parser("train", help="fine-tune a LoRA adapter (resumes by itself; shallow train --help)", add_help=False)

@@ -43,10 +43,14 @@ def story_action(text: str, choices: Sequence[str]) -> str:
 
 
 def clean_choice(text: str) -> str:
-    """One generated choice line, tidied: first line only, no markup or quotes around it."""
+    """One generated choice line, tidied: first line only, no markup or quotes around it.
+
+    A line with no letters in it ("4.", "...") is no choice: the result is empty.
+    """
     line = text.strip().splitlines()[0] if text.strip() else ""
     line = re.sub(r"^\(?\d+[.):]\)?\s+", "", line.strip())  # the model repeated the number it was given
-    return line.strip(" *_`\"'").strip()
+    line = line.strip(" *_`\"'").strip()
+    return line if any(c.isalpha() for c in line) else ""
 
 
 def parse_choices(text: str) -> tuple[str, list[str]]:

@@ -54,6 +54,7 @@ def test_clean_choice_tidies_one_line():
     assert clean_choice("   ") == ""
     assert clean_choice("1. I look around") == "I look around"  # a repeated number goes
     assert clean_choice("10 feet away, I run") == "10 feet away, I run"  # a number that is part of the text stays
+    assert clean_choice("4.") == "" and clean_choice("1. 2.") == "" and clean_choice("…") == ""  # no letters: no choice
 
 
 def test_story_prompt_names_the_title_and_asks_for_numbered_choices():
