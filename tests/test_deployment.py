@@ -37,7 +37,7 @@ def test_every_setting_in_env_example_is_read_and_every_read_setting_is_in_it():
 def test_the_compose_file_names_every_service_and_keeps_redis_private():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "discord", "telegram", "rq-dashboard"}
+    assert set(services) == {"redis", "worker", "discord", "telegram", "web", "rq-dashboard"}
     redis = services["redis"]
     assert "ports" not in redis and "--requirepass" in redis["command"] and "--appendonly" in redis["command"]
     assert "healthcheck" in redis and any("redis-data" in v for v in redis["volumes"])
@@ -48,6 +48,9 @@ def test_the_compose_file_names_every_service_and_keeps_redis_private():
     for bot in ("discord", "telegram"):
         assert services[bot]["build"]["dockerfile"] == "Dockerfile.bots" and services[bot]["command"] == [bot]
     assert services["rq-dashboard"]["ports"] == ["127.0.0.1:9181:9181"]  # never on a public interface
+    web = services["web"]
+    assert web["build"]["dockerfile"] == "Dockerfile.bots" and web["command"][0] == "web"
+    assert web["ports"] == ["127.0.0.1:${SHALLOW_WEB_PORT:-7860}:7860"] and web["profiles"] == ["web"]
     for name in ("Dockerfile.worker", "Dockerfile.bots"):
         assert (ROOT / name).is_file()
     assert "torch" not in (ROOT / "Dockerfile.bots").read_text().split("RUN", 1)[1].replace("no torch", "")

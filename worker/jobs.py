@@ -10,7 +10,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -50,7 +50,8 @@ from worker.backends import Backend
 logger = logging.getLogger(__name__)
 
 FORCED_CHOICES = 3  # when the model writes none itself: three, one line each
-CHOICE_TRIES = 2  # a choice that comes out empty is asked for once more
+CHOICE_TRIES = 3  # a choice that comes out empty (or letterless) is asked for again, sampled
+RETRY_TEMPERATURE = 0.8  # greedy decoding would only repeat the empty choice
 
 
 @dataclass
@@ -214,11 +215,14 @@ def _force_choices(
     for n in range(1, FORCED_CHOICES + 1):
         choice = ""
         prefix = ("\n" if choices else "") + f"{n}. "
-        for _ in range(CHOICE_TRIES):
+        for attempt in range(CHOICE_TRIES):
             msgs = [*messages, {"role": "assistant", "content": written + prefix}]
+            settings = rt.settings.generation
+            if attempt and settings.temperature < RETRY_TEMPERATURE:
+                settings = replace(settings, temperature=RETRY_TEMPERATURE)
             gen = rt.backend.stream(
                 msgs,
-                rt.settings.generation,
+                settings,
                 max_new_tokens=rt.settings.generation.choice_max_tokens,
                 should_stop=should_stop,
                 continue_final=True,
