@@ -38,6 +38,11 @@ def _default_channel() -> str:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging("INFO")
+    if args.slots:
+        from dataclasses import replace
+
+        settings = replace(settings, slots=args.slots)
+        os.environ["SHALLOW_SLOTS"] = str(args.slots)  # for the worker processes a supervisor starts
     gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
     if (args.processes and args.processes > 1) or gpus:
         from worker.supervisor import supervise
@@ -93,6 +98,13 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_logging("INFO")
     return run(settings, host=args.host, port=args.port)
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.serve import main
+
+    configure_logging("WARNING")
+    return main(args.rest, settings)
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
@@ -187,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--name", help="the worker's name in Redis (default: RQ's host.pid-based name)")
     p.add_argument("--processes", type=int, help="run N worker processes on this box (each loads the model once)")
+    p.add_argument("--slots", type=int, help="replies one process writes at once (SHALLOW_SLOTS; with SHALLOW_BACKEND=batched)")
     p.add_argument("--gpus", help="comma-separated GPU ids: one worker process per GPU (or --processes spread over them)")
     p.set_defaults(func=cmd_worker)
 
@@ -221,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="the lab's hyperparameter study, with plots (shallow sweep --help)", add_help=False)
     p.set_defaults(func=cmd_sweep, passthrough=True)
+
+    p = sub.add_parser("bench", help="how fast this box serves: tokens/s, time to first token, queue wait (shallow bench --help)",
+                       add_help=False)
+    p.set_defaults(func=cmd_bench, passthrough=True)
 
     p = sub.add_parser("status", help="queue depth, workers alive, jobs running and failed")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts and health checks")

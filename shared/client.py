@@ -125,10 +125,14 @@ class TurnClient:
         return self._submit(channel, self.store.chat(channel), text, text, user, reply_to, job_id)
 
     def chat(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
-             job_id: str | None = None) -> Submitted:
-        """A chat turn, whatever the channel's mode was (a running story is kept)."""
+             job_id: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False) -> Submitted:
+        """A chat turn, whatever the channel's mode was (a running story is kept).
+
+        max_new_tokens (at most the worker's own limit) and ignore_eos fix a reply's length: `shallow bench`.
+        """
         text = self.clean_text(text)
-        return self._submit(channel, self.store.chat(channel), text, text, user, reply_to, job_id)
+        return self._submit(channel, self.store.chat(channel), text, text, user, reply_to, job_id,
+                            max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
 
     def start_story(self, channel: str, title: str | None, *, user: str | None = None, reply_to: dict | None = None,
                     job_id: str | None = None) -> Submitted:
@@ -164,7 +168,7 @@ class TurnClient:
 
     def _submit(
         self, channel: str, session: Session, text: str, user_text: str, user: str | None, reply_to: dict | None,
-        job_id: str | None = None,
+        job_id: str | None = None, *, max_new_tokens: int | None = None, ignore_eos: bool = False,
     ) -> Submitted:
         s = self.settings
         request = TurnRequest(
@@ -177,6 +181,8 @@ class TurnClient:
             title=session.title,
             user=user,
             reply_to=reply_to or {},
+            max_new_tokens=max_new_tokens,
+            ignore_eos=ignore_eos,
         )
         hold = s.job_timeout * (s.job_retries + 1) + 120  # the claim outlives every attempt, then lapses
         current = self.store.claim_turn(channel, request.job_id, hold)

@@ -65,7 +65,8 @@ class TurnRequest:
     title: str | None = None  # story title
     user: str | None = None  # platform user id or name, for logs and allowlists
     reply_to: dict[str, Any] = field(default_factory=dict)  # opaque to the worker: where the bot delivers
-    max_new_tokens: int | None = None  # overrides the worker's setting for this turn
+    max_new_tokens: int | None = None  # overrides the worker's setting for this turn (never above it)
+    ignore_eos: bool = False  # write exactly max_new_tokens (benchmarks: runs that compare)
     created_at: float = field(default_factory=time.time)
     v: int = PROTOCOL_VERSION
 
@@ -120,6 +121,7 @@ class Done:
     choices: list[str] = field(default_factory=list)
     finish_reason: str = "stop"  # stop | length | cancelled
     attempt: int = 1
+    model_seconds: float = 0.0  # time the worker spent in the model for this reply (the rest is pipeline)
     type: EventType = EventType.DONE
 
 

@@ -76,7 +76,7 @@ class Settings:
     queue: str = "shallow"  # the RQ queue that bots fill and workers drain
     base_model: str = OFFLINE_BASE_MODEL
     adapter: str | None = None  # a LoRA adapter folder or hub id, on top of base_model
-    backend: str = "auto"  # auto | transformers | unsloth
+    backend: str = "auto"  # auto | transformers | unsloth | batched
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     load_in_4bit: bool = True  # on CUDA only; the design card's 4-bit base
     context_tokens: int = 0  # 0: the model's own context length, capped at 8192
@@ -91,14 +91,16 @@ class Settings:
     stop_timeout: int = 60  # on SIGTERM a worker finishes its reply for at most this long (a long reply is ~30 s)
     max_input_chars: int = 2000  # Discord's own message limit; longer is almost always a paste by mistake
     max_title_chars: int = 100
+    slots: int = 1  # replies one worker process writes at once (RQ loops in threads over one batched model)
+    compile_level: int = 1  # batched backend on CUDA: transformers' compile level (0 none ... 3 most, longest warm-up)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     @classmethod
     def from_env(cls) -> Settings:
         home = _home()
         backend = _env("SHALLOW_BACKEND", cls.backend).lower()
-        if backend not in ("auto", "transformers", "unsloth"):
-            raise ConfigError(f"SHALLOW_BACKEND must be auto, transformers or unsloth, got {backend!r}")
+        if backend not in ("auto", "transformers", "unsloth", "batched"):
+            raise ConfigError(f"SHALLOW_BACKEND must be auto, transformers, unsloth or batched, got {backend!r}")
         adapter = _env("SHALLOW_ADAPTER", "")
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
@@ -120,6 +122,8 @@ class Settings:
             stop_timeout=_int("SHALLOW_STOP_TIMEOUT", cls.stop_timeout, 0),
             max_input_chars=_int("SHALLOW_MAX_INPUT_CHARS", cls.max_input_chars, 1),
             max_title_chars=_int("SHALLOW_MAX_TITLE_CHARS", cls.max_title_chars, 1),
+            slots=_int("SHALLOW_SLOTS", cls.slots, 1),
+            compile_level=_int("SHALLOW_COMPILE_LEVEL", cls.compile_level, 0),
             generation=GenerationSettings.from_env(),
         )
 

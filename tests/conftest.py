@@ -109,6 +109,10 @@ class Env:
             PYTHONUNBUFFERED="1",
             **TEST_GENERATION,
         )
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            # several test files at once (pytest -n): one compute thread per process, or torch's threads
+            # from two processes fight over the cores and everything slows down
+            env.setdefault("OMP_NUM_THREADS", "1")
         env.update(self.extra)
         env.update(overrides)
         return env

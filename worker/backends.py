@@ -52,6 +52,9 @@ class Backend:
         self.context_tokens = context_tokens
         self.description = description
 
+    def close(self) -> None:
+        """Release what the backend runs besides the model (the batched backend's engine thread)."""
+
     # -- prompts ---------------------------------------------------------------------------------
 
     def encode(self, messages: list[Message], *, continue_final: bool = False) -> list[int]:
@@ -78,6 +81,7 @@ class Backend:
         should_stop: Callable[[], bool] = lambda: False,
         continue_final: bool = False,
         stop_at_newline: bool = False,
+        ignore_eos: bool = False,
     ) -> Generation:
         """Start generating in a thread; the returned Generation yields text as it is decoded."""
         import torch
@@ -114,6 +118,8 @@ class Backend:
             kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if ignore_eos:
+            kwargs["min_new_tokens"] = max_new_tokens
 
         result: dict[str, object] = {}
 
@@ -274,7 +280,11 @@ def load_backend(settings: Settings) -> Backend:
     choice = settings.backend
     if choice == "auto":
         choice = "unsloth" if unsloth_available() else "transformers"
-    cls = UnslothBackend if choice == "unsloth" else TransformersBackend
-    backend = cls.load(settings)
+    if choice == "batched":
+        from worker.batching import BatchedBackend
+
+        backend: Backend = BatchedBackend.load(settings)
+    else:
+        backend = (UnslothBackend if choice == "unsloth" else TransformersBackend).load(settings)
     logger.info("loaded %s backend: %s (context %d tokens)", backend.name, backend.description, backend.context_tokens)
     return backend

@@ -15,6 +15,8 @@ import threading
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.exceptions import StopRequested
+from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
 from shared.redis_conn import connect, redact
@@ -74,9 +76,29 @@ class ShallowWorker(SimpleWorker):
                 logger.warning("heartbeat for job %s failed", job.id, exc_info=True)
 
 
-def build_worker(settings: Settings, connection, name: str | None = None) -> ShallowWorker:
+class SlotWorker(ShallowWorker):
+    """One of several RQ worker loops in one process (`--slots N`), each in its own thread.
+
+    Each is a full RQ worker (its own name, state, heartbeats, started/finished/failed registries), so
+    every job keeps RQ's semantics; they share the process's model. Signals reach the main thread,
+    which stops the slots (see run_slots); job timeouts use a timer instead of SIGALRM.
+    """
+
+    death_penalty_class = TimerDeathPenalty
+
+    def _install_signal_handlers(self) -> None:
+        pass  # signals are the main thread's; it tells every slot
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        """RQ's idle loop beats between waits for a job: where a stopping slot leaves (within one wait)."""
+        if pipeline is None and self._stop_requested and self.get_state() == WorkerStatus.IDLE:
+            raise StopRequested()
+        return super().heartbeat(timeout, pipeline)
+
+
+def build_worker(settings: Settings, connection, name: str | None = None, cls: type[ShallowWorker] = ShallowWorker) -> ShallowWorker:
     queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer)
-    return ShallowWorker(
+    return cls(
         [queue],
         connection=connection,
         serializer=JSONSerializer,
@@ -95,10 +117,72 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
     """Load the model, then work until stopped. Returns the process exit code."""
     connection = connect(settings.redis_url)
     logger.info("connected to Redis at %s, queue %r", redact(settings.redis_url or "redis://localhost:6379/0"), settings.queue)
+    if settings.slots > 1 and settings.backend not in ("batched",):
+        logger.warning("SHALLOW_SLOTS=%d without SHALLOW_BACKEND=batched: the slots share one model without batching",
+                       settings.slots)
     backend = load_backend(settings)
     store = SessionStore(connection, settings.session_ttl, settings.stream_ttl, settings.stream_maxlen)
+    try:
+        if settings.slots > 1:
+            return run_slots(settings, connection, backend, store, burst=burst, name=name)
+        return _run_one(settings, connection, backend, store, burst=burst, name=name)
+    finally:
+        backend.close()
+
+
+def _run_one(settings: Settings, connection, backend, store: SessionStore, *, burst: bool, name: str | None) -> int:
     worker = build_worker(settings, connection, name)
     jobs.install(jobs.Runtime(settings=settings, backend=backend, connection=connection, store=store, name=worker.name))
     logger.info("worker %s ready", worker.name)
     worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+    return 0
+
+
+def run_slots(settings: Settings, connection, backend, store: SessionStore, *, burst: bool, name: str | None) -> int:
+    """`settings.slots` RQ worker loops in threads over one model; the main thread handles the signals.
+
+    First SIGTERM/SIGINT: every slot stops taking jobs and finishes the reply it is writing (at most
+    SHALLOW_STOP_TIMEOUT seconds); a second: cold stop, the replies being written are retried elsewhere.
+    """
+    import socket
+
+    base = name or f"{socket.gethostname()}.{os.getpid()}"
+    workers = [build_worker(settings, connection, f"{base}.{k}", cls=SlotWorker) for k in range(settings.slots)]
+    jobs.install(jobs.Runtime(settings=settings, backend=backend, connection=connection, store=store, name=base))
+    level = logging.getLevelName(logging.getLogger().level)
+    threads = [
+        threading.Thread(target=w.work, kwargs={"burst": burst, "logging_level": level}, name=f"slot-{k}", daemon=True)
+        for k, w in enumerate(workers)
+    ]
+    signals = {"n": 0}
+
+    def on_signal(signum, frame) -> None:  # noqa: ANN001 - signal's signature
+        signals["n"] += 1
+        if signals["n"] == 1:
+            busy = [w for w in workers if w.get_state() == WorkerStatus.BUSY]
+            logger.info("stopping %d slots; %d replies being written are finished first (at most %ds)",
+                        len(workers), len(busy), settings.stop_timeout)
+            for w in workers:
+                w._stop_requested = True  # RQ's loop checks it before taking the next job
+            if busy and settings.stop_timeout > 0:
+                timer = threading.Timer(settings.stop_timeout, os.kill, args=(os.getpid(), signal.SIGTERM))
+                timer.daemon = True
+                timer.start()
+            return
+        logger.warning("cold stop: replies being written are handed to other workers")
+        for w in workers:
+            try:
+                w.register_death()
+            except Exception:  # the process ends either way
+                pass
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for t in threads:
+        t.start()
+    logger.info("worker %s ready: %d slots", base, len(workers))
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.5)
     return 0

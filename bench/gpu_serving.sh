@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The serving benchmark of issue 8 on a GPU box with no hub: a Llama-3.2-1B-shaped checkpoint with random
+# weights and a random LoRA adapter, then `shallow bench` in each serving mode. Usage:
+#   bench/gpu_serving.sh OUT_DIR [baseline|batched|direct|fourbit ...]
+# (on the project's GPU machine: source .gpu/env.sh first; .gpu/make_llama1b.py builds the checkpoint)
+set -euo pipefail
+out=${1:?OUT_DIR}; shift
+mkdir -p "$out"
+base=${LLAMA_DIR:-/tmp/llama1b}
+adapter=${ADAPTER_DIR:-/tmp/llama1b-adapter}
+[ -f "$base/config.json" ] || python .gpu/make_llama1b.py "$base" > "$out/make_llama1b.log" 2>&1
+[ -f "$adapter/adapter_config.json" ] || python -m bench.make_adapter "$base" "$adapter" > "$out/make_adapter.log" 2>&1
+export SHALLOW_BASE_MODEL="$base" SHALLOW_ADAPTER="$adapter" SHALLOW_HOME="$out/home" SHALLOW_LOG_LEVEL=WARNING
+bench() { python -m shared.cli bench --new-tokens 128 "$@"; }
+for stage in "$@"; do
+  case $stage in
+    baseline)  # the naive baseline: plain transformers generate, 4-bit + LoRA, one job at a time
+      SHALLOW_BACKEND=transformers SHALLOW_LOAD_IN_4BIT=1 bench --channels 1,4 --turns 1 \
+        --label "baseline: transformers generate, NF4 + LoRA, one job at a time" --json "$out/baseline.json" ;;
+    fourbit)  # the design card's mode: unsloth, NF4 + LoRA, one job at a time
+      SHALLOW_BACKEND=unsloth SHALLOW_LOAD_IN_4BIT=1 bench --channels 1,16 --turns 1 \
+        --label "unsloth NF4 + LoRA, one job at a time" --json "$out/fourbit.json" ;;
+    batched)  # continuous batching, bf16, LoRA merged, 256 slots in one worker process
+      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 bench --channels ${CHANNELS:-1,16,64,256} --turns 2 --worker-args "--slots 256" \
+        --label "batched bf16 merged LoRA, 256 slots (compile level ${SHALLOW_COMPILE_LEVEL:-1})" --json "$out/batched.json" ;;
+    direct)  # the same engine without Redis or RQ: what the pipeline costs
+      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns 2 \
+        --label "batched bf16, direct" --json "$out/direct.json" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

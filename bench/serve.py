@@ -1,0 +1,390 @@
+"""`shallow bench`: how fast this box serves, through the real path or the backend alone.
+
+End to end (the default), N channels each send turns through Redis and the workers and follow the
+reply streams, as the bots do; every reply has a fixed length (end-of-sequence ignored) and every
+channel the same fixed prompts, so runs compare. Per turn it records, on the bench's clock:
+
+- queue wait: RQ's own enqueued_at -> started_at for the job (time spent waiting for a free worker);
+- time to first token: enqueue -> the first chunk received;
+- model time: what the worker reports it spent in the model (the Done event's model_seconds);
+- pipeline overhead: the turn's whole time (enqueue -> done received) minus queue wait and model time:
+  what Redis, RQ, the job's bookkeeping and the stream add.
+
+`--direct` loads the backend in this process and measures it alone, with the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from shared.errors import ConfigError
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PROMPTS = [
+    "Describe a lighthouse on a stormy night.",
+    "Explain how a rainbow forms, step by step.",
+    "Write a short letter from a sailor to his sister.",
+    "What should I pack for a week of hiking in the mountains?",
+    "Tell me about the history of the printing press.",
+    "Invent a recipe for a soup made from autumn vegetables.",
+    "How do bees decide where to build a new hive?",
+    "Describe the market square of a small medieval town.",
+]
+
+
+@dataclass
+class Turn:
+    channel: int
+    enqueued: float = 0.0
+    first_token: float | None = None
+    done: float | None = None
+    queue_wait: float | None = None
+    model_seconds: float = 0.0
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.enqueued
+
+    @property
+    def total(self) -> float | None:
+        return None if self.done is None else self.done - self.enqueued
+
+    @property
+    def overhead(self) -> float | None:
+        if self.total is None or self.queue_wait is None:
+            return None
+        return max(0.0, self.total - self.queue_wait - self.model_seconds)
+
+    @property
+    def stream_rate(self) -> float | None:
+        """Tokens per second of this reply as its reader sees it (first token to last)."""
+        if self.done is None or self.first_token is None or self.tokens < 2:
+            return None
+        span = self.done - self.first_token
+        return (self.tokens - 1) / span if span > 0 else None
+
+
+@dataclass
+class Row:
+    mode: str
+    channels: int
+    turns: int
+    new_tokens: int
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    per_stream_tokens_per_s_p50: float | None
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+    queue_wait_p50_s: float | None
+    queue_wait_p95_s: float | None
+    overhead_p50_ms: float | None
+    overhead_p95_ms: float | None
+    errors: int
+    extra: dict = field(default_factory=dict)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarise(mode: str, channels: int, turns_per_channel: int, new_tokens: int, turns: list[Turn], wall: float) -> Row:
+    ok = [t for t in turns if t.error is None and t.done is not None]
+    tokens = sum(t.tokens for t in ok)
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000, 1)
+
+    def r(v: float | None, n: int = 3) -> float | None:
+        return None if v is None else round(v, n)
+
+    rates = [t.stream_rate for t in ok if t.stream_rate]
+    return Row(
+        mode=mode,
+        channels=channels,
+        turns=len(turns),
+        new_tokens=new_tokens,
+        wall_s=round(wall, 2),
+        tokens=tokens,
+        tokens_per_s=round(tokens / wall, 1) if wall > 0 else 0.0,
+        per_stream_tokens_per_s_p50=r(statistics.median(rates), 1) if rates else None,
+        ttft_p50_s=r(pct([t.ttft for t in ok], 0.5)),
+        ttft_p95_s=r(pct([t.ttft for t in ok], 0.95)),
+        queue_wait_p50_s=r(pct([t.queue_wait for t in ok], 0.5)),
+        queue_wait_p95_s=r(pct([t.queue_wait for t in ok], 0.95)),
+        overhead_p50_ms=ms(pct([t.overhead for t in ok], 0.5)),
+        overhead_p95_ms=ms(pct([t.overhead for t in ok], 0.95)),
+        errors=len(turns) - len(ok),
+        extra={"turns_per_channel": turns_per_channel},
+    )
+
+
+COLUMNS = [
+    ("mode", "mode", "{}"),
+    ("channels", "channels", "{}"),
+    ("turns", "turns", "{}"),
+    ("tokens_per_s", "tok/s all", "{:.1f}"),
+    ("per_stream_tokens_per_s_p50", "tok/s stream p50", "{:.1f}"),
+    ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
+    ("ttft_p95_s", "TTFT p95 s", "{:.3f}"),
+    ("queue_wait_p50_s", "queue p50 s", "{:.3f}"),
+    ("queue_wait_p95_s", "queue p95 s", "{:.3f}"),
+    ("overhead_p50_ms", "overhead p50 ms", "{:.1f}"),
+    ("overhead_p95_ms", "overhead p95 ms", "{:.1f}"),
+    ("errors", "errors", "{}"),
+]
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table of the rows (as the README and the closing notes show them)."""
+    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = getattr(row, key)
+            cells.append("-" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: int, run_id: str) -> Row:
+    """N channels at once, each sending `turns` turns one after another through Redis and the workers."""
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from shared.client import TurnClient
+    from shared.protocol import Chunk, Done, Error, Start
+
+    client = TurnClient(settings)
+    if client.workers_alive() == 0:
+        raise ConfigError("no worker is running on this queue: start `shallow worker` (or use --embedded)")
+    results: list[Turn] = []
+    lock = threading.Lock()
+
+    def one_channel(i: int) -> None:
+        channel = f"bench:{run_id}:{i}"
+        try:
+            for k in range(turns):
+                turn = Turn(channel=i)
+                prompt = PROMPTS[(i + k) % len(PROMPTS)]
+                turn.enqueued = time.perf_counter()
+                sub = client.chat(channel, prompt, user="bench", max_new_tokens=new_tokens, ignore_eos=True)
+                for event in client.follow(sub.job_id, timeout=settings.job_timeout * 2, poll=0.2):
+                    now = time.perf_counter()
+                    if isinstance(event, Chunk) and turn.first_token is None and event.text:
+                        turn.first_token = now
+                    elif isinstance(event, Start):
+                        pass
+                    elif isinstance(event, Done):
+                        turn.done = now
+                        turn.tokens = event.completion_tokens
+                        turn.model_seconds = event.model_seconds
+                    elif isinstance(event, Error):
+                        turn.error = event.message
+                job = Job.fetch(sub.job_id, connection=client.r, serializer=JSONSerializer)
+                if job.enqueued_at and job.started_at:
+                    turn.queue_wait = max(0.0, (job.started_at - job.enqueued_at).total_seconds())
+                with lock:
+                    results.append(turn)
+        finally:
+            client.reset(channel)
+
+    threads = [threading.Thread(target=one_channel, args=(i,), daemon=True) for i in range(channels)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return summarise("end-to-end", channels, turns, new_tokens, results, wall)
+
+
+# -- the backend alone -----------------------------------------------------------------------------
+
+
+def run_direct(backend, settings: Settings, channels: int, turns: int, new_tokens: int) -> Row:
+    """The same prompts straight into the backend, `channels` streams at once (threads), no Redis."""
+    from shared.prompts import CHAT_SYSTEM_PROMPT
+
+    results: list[Turn] = []
+    lock = threading.Lock()
+
+    def one_channel(i: int) -> None:
+        for k in range(turns):
+            turn = Turn(channel=i, queue_wait=0.0)
+            messages = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}, {"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]
+            turn.enqueued = time.perf_counter()
+            try:
+                gen = backend.stream(messages, settings.generation, max_new_tokens=new_tokens, ignore_eos=True)
+                for piece in gen:
+                    if turn.first_token is None and piece:
+                        turn.first_token = time.perf_counter()
+                turn.done = time.perf_counter()
+                turn.tokens = gen.completion_tokens
+                turn.model_seconds = turn.done - turn.enqueued
+            except Exception as exc:  # counted and shown, the run goes on
+                turn.error = f"{type(exc).__name__}: {exc}"
+                logger.exception("direct stream %d failed", i)
+            with lock:
+                results.append(turn)
+
+    threads = [threading.Thread(target=one_channel, args=(i,), daemon=True) for i in range(channels)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return summarise("direct", channels, turns, new_tokens, results, wall)
+
+
+# -- a stack of its own ----------------------------------------------------------------------------
+
+
+@contextmanager
+def embedded_stack(settings: Settings, workers: int, worker_args: list[str], timeout: float) -> Iterator[Settings]:
+    """A redis-server of its own (Unix socket, temporary data) and `workers` worker processes on it."""
+    import tempfile
+
+    from rq import Worker
+
+    from shared.redis_conn import EmbeddedRedis, connect
+
+    with tempfile.TemporaryDirectory(prefix="shallow-bench-") as tmp:
+        redis_server = EmbeddedRedis(Path(tmp) / "redis")
+        url = redis_server.start()
+        procs: list[subprocess.Popen] = []
+        try:
+            env = dict(os.environ, REDIS_URL=url)
+            for k in range(workers):
+                log = open(Path(tmp) / f"worker{k}.log", "wb")  # noqa: SIM115 - closed with the process
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "shared.cli", "worker", "--name", f"bench-{os.getpid()}-{k}", *worker_args],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                ))
+            conn = connect(url)
+            deadline = time.monotonic() + timeout
+            while True:
+                dead = [p for p in procs if p.poll() is not None]
+                if dead:
+                    tail = (Path(tmp) / f"worker{procs.index(dead[0])}.log").read_text(errors="replace")[-2000:]
+                    raise ConfigError(f"a bench worker exited with code {dead[0].returncode}:\n{tail}")
+                names = {w.name for w in Worker.all(connection=conn)}
+                if sum(1 for n in names if n.startswith(f"bench-{os.getpid()}-")) >= workers:
+                    break
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"the bench workers did not start within {timeout:.0f}s")
+                time.sleep(0.5)
+            print(f"bench: {workers} worker process(es) ready on an embedded Redis", file=sys.stderr, flush=True)
+            yield replace(settings, redis_url=url)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            redis_server.stop()
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="shallow bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--channels", default="1,16", help="comma-separated channel counts, one run each (default 1,16)")
+    p.add_argument("--turns", type=int, default=2, help="turns per channel, one after another (default 2)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens per reply, end-of-sequence ignored (default 128)")
+    p.add_argument("--direct", action="store_true", help="the backend alone, loaded in this process (no Redis, no worker)")
+    p.add_argument("--embedded", action="store_true",
+                   help="start a Redis and worker process(es) of its own (default when REDIS_URL is not set)")
+    p.add_argument("--workers", type=int, default=1, help="with --embedded: worker processes to start (default 1)")
+    p.add_argument("--worker-args", default="", help="with --embedded: extra `shallow worker` arguments, e.g. '--slots 64'")
+    p.add_argument("--warmup", type=int, default=1, help="untimed turns first, to load and compile (default 1)")
+    p.add_argument("--label", default="", help="a name for this configuration in the table and the JSON")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    p.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for workers to load (default 900)")
+    args = p.parse_args(argv)
+    try:
+        args.channel_counts = [int(x) for x in args.channels.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--channels must be comma-separated numbers, got {args.channels!r}")
+    if not args.channel_counts or min(args.channel_counts) < 1:
+        p.error("--channels needs at least one count of 1 or more")
+    if args.new_tokens < 1 or args.turns < 1:
+        p.error("--new-tokens and --turns must be 1 or more")
+    return args
+
+
+def main(argv: list[str], settings: Settings) -> int:
+    args = parse_args(argv)
+    if args.new_tokens > settings.generation.max_new_tokens:
+        settings = replace(settings, generation=replace(settings.generation, max_new_tokens=args.new_tokens))
+        os.environ["SHALLOW_MAX_NEW_TOKENS"] = str(args.new_tokens)  # the workers it starts allow this length
+    rows: list[Row] = []
+    run_id = f"{int(time.time())}-{os.getpid()}"
+    if args.direct:
+        from worker.backends import load_backend
+
+        backend = load_backend(settings)
+        try:
+            if args.warmup:
+                run_direct(backend, settings, 1, args.warmup, min(args.new_tokens, 16))
+            for n in args.channel_counts:
+                rows.append(run_direct(backend, settings, n, args.turns, args.new_tokens))
+                print(table(rows[-1:]), flush=True)
+        finally:
+            backend.close()
+    else:
+        embedded = args.embedded or not settings.redis_url
+        stack = embedded_stack(settings, args.workers, args.worker_args.split(), args.start_timeout) if embedded else _nothing(settings)
+        with stack as live:
+            if args.warmup:
+                run_end_to_end(live, 1, args.warmup, min(args.new_tokens, 16), run_id + "-warmup")
+            for n in args.channel_counts:
+                rows.append(run_end_to_end(live, n, args.turns, args.new_tokens, run_id))
+                print(table(rows[-1:]), flush=True)
+    for row in rows:
+        row.extra["label"] = args.label
+    print()
+    if args.label:
+        print(f"{args.label}:")
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0 if all(r.errors == 0 for r in rows) else 1
+
+
+@contextmanager
+def _nothing(settings: Settings) -> Iterator[Settings]:
+    yield settings
