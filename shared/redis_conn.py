@@ -34,7 +34,9 @@ def connect(url: str | None, *, check: bool = True) -> redis.Redis:
     """A client for `url` (REDIS_URL), checked with a PING; a clear RedisUnavailable if it cannot be reached."""
     url = url or DEFAULT_REDIS_URL
     try:
-        conn = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        # a worker with many slots, or a web page with many readers, holds a connection per blocked
+        # read: more than redis-py's default pool of 100
+        conn = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, max_connections=4096)
         if check:
             conn.ping()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
