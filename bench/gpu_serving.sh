@@ -21,11 +21,19 @@ for stage in "$@"; do
       SHALLOW_BACKEND=unsloth SHALLOW_LOAD_IN_4BIT=1 bench --channels 1,16 --turns 1 \
         --label "unsloth NF4 + LoRA, one job at a time" --json "$out/fourbit.json" ;;
     batched)  # continuous batching, bf16, LoRA merged, 256 slots in one worker process
-      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 bench --channels ${CHANNELS:-1,16,64,256} --turns 2 --worker-args "--slots 256" \
-        --label "batched bf16 merged LoRA, 256 slots (compile level ${SHALLOW_COMPILE_LEVEL:-1})" --json "$out/batched.json" ;;
+      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --worker-args "--slots 256" \
+        --label "batched bf16 merged LoRA, 256 slots (compile level ${SHALLOW_COMPILE_LEVEL:-0})" --json "$out/batched.json" ;;
     direct)  # the same engine without Redis or RQ: what the pipeline costs
-      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns 2 \
+      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
         --label "batched bf16, direct" --json "$out/direct.json" ;;
+    graphs)  # the same engine with CUDA graphs forced on
+      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 SHALLOW_CUDA_GRAPHS=1 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
+        --label "batched bf16, CUDA graphs, direct" --json "$out/graphs.json" ;;
+    static)  # one stream: bf16, LoRA merged, static KV cache + torch.compile
+      SHALLOW_BACKEND=transformers SHALLOW_LOAD_IN_4BIT=0 SHALLOW_STATIC_CACHE=1 bench --direct --channels 1 --turns 3 --warmup 2 \
+        --label "transformers bf16 static cache + compile, direct" --json "$out/static-direct.json"
+      SHALLOW_BACKEND=transformers SHALLOW_LOAD_IN_4BIT=0 SHALLOW_STATIC_CACHE=1 bench --channels 1 --turns 3 --warmup 2 \
+        --label "transformers bf16 static cache + compile, end to end" --json "$out/static.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -49,6 +49,7 @@ PROMPTS = [
 class Turn:
     channel: int
     enqueued: float = 0.0
+    started: float | None = None  # the worker's start event received (direct: the request made)
     first_token: float | None = None
     done: float | None = None
     queue_wait: float | None = None
@@ -72,11 +73,11 @@ class Turn:
 
     @property
     def stream_rate(self) -> float | None:
-        """Tokens per second of this reply as its reader sees it (first token to last)."""
-        if self.done is None or self.first_token is None or self.tokens < 2:
+        """Tokens per second of this reply once a worker took it (its start event to its last token)."""
+        if self.done is None or self.started is None or not self.tokens:
             return None
-        span = self.done - self.first_token
-        return (self.tokens - 1) / span if span > 0 else None
+        span = self.done - self.started
+        return self.tokens / span if span > 0 else None
 
 
 @dataclass
@@ -200,7 +201,7 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
                     if isinstance(event, Chunk) and turn.first_token is None and event.text:
                         turn.first_token = now
                     elif isinstance(event, Start):
-                        pass
+                        turn.started = now
                     elif isinstance(event, Done):
                         turn.done = now
                         turn.tokens = event.completion_tokens
@@ -239,7 +240,7 @@ def run_direct(backend, settings: Settings, channels: int, turns: int, new_token
         for k in range(turns):
             turn = Turn(channel=i, queue_wait=0.0)
             messages = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}, {"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]
-            turn.enqueued = time.perf_counter()
+            turn.enqueued = turn.started = time.perf_counter()
             try:
                 gen = backend.stream(messages, settings.generation, max_new_tokens=new_tokens, ignore_eos=True)
                 for piece in gen:
@@ -358,7 +359,7 @@ def main(argv: list[str], settings: Settings) -> int:
         backend = load_backend(settings)
         try:
             if args.warmup:
-                run_direct(backend, settings, 1, args.warmup, min(args.new_tokens, 16))
+                run_direct(backend, settings, 1, args.warmup, args.new_tokens)
             for n in args.channel_counts:
                 rows.append(run_direct(backend, settings, n, args.turns, args.new_tokens))
                 print(table(rows[-1:]), flush=True)
@@ -369,7 +370,7 @@ def main(argv: list[str], settings: Settings) -> int:
         stack = embedded_stack(settings, args.workers, args.worker_args.split(), args.start_timeout) if embedded else _nothing(settings)
         with stack as live:
             if args.warmup:
-                run_end_to_end(live, 1, args.warmup, min(args.new_tokens, 16), run_id + "-warmup")
+                run_end_to_end(live, 1, args.warmup, args.new_tokens, run_id + "-warmup")
             for n in args.channel_counts:
                 rows.append(run_end_to_end(live, n, args.turns, args.new_tokens, run_id))
                 print(table(rows[-1:]), flush=True)

@@ -107,6 +107,11 @@ def fit_messages(
         kept = list(history[len(history) - keep :]) if keep else []
         return [{"role": "system", "content": system}, *kept, {"role": "user", "content": text}]
 
+    if history and history[0]["role"] == "user" or not history:
+        whole = build(len(history), user_text)
+        if count_tokens(whole) <= budget:  # the usual case: everything fits, one count
+            return whole
+
     # Candidate history lengths: whole pairs counted from the end, so the kept part starts at a user turn.
     candidates = [k for k in range(len(history), 0, -1) if history[len(history) - k]["role"] == "user"]
     lo, hi = 0, len(candidates)  # find the longest candidate that fits; fewer messages never cost more

@@ -25,6 +25,17 @@ def _env(name: str, default: str) -> str:
     return default if value is None or value.strip() == "" else value.strip()
 
 
+def _tristate(name: str) -> bool | None:
+    raw = _env(name, "auto").lower()
+    if raw in ("auto", ""):
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be auto, 1 or 0, got {raw!r}")
+
+
 def _int(name: str, default: int, minimum: int = 0) -> int:
     raw = _env(name, str(default))
     try:
@@ -92,7 +103,9 @@ class Settings:
     max_input_chars: int = 2000  # Discord's own message limit; longer is almost always a paste by mistake
     max_title_chars: int = 100
     slots: int = 1  # replies one worker process writes at once (RQ loops in threads over one batched model)
-    compile_level: int = 1  # batched backend on CUDA: transformers' compile level (0 none ... 3 most, longest warm-up)
+    compile_level: int = 0  # batched backend on CUDA: transformers' compile level (1-3 compile more; 1 failed with top_p sampling on torch 2.11)
+    cuda_graphs: bool | None = None  # batched backend: CUDA graphs (None: transformers decides)
+    static_cache: bool = False  # transformers backend, bf16 on CUDA: static KV cache (+ torch.compile) per reply
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     @classmethod
@@ -124,6 +137,8 @@ class Settings:
             max_title_chars=_int("SHALLOW_MAX_TITLE_CHARS", cls.max_title_chars, 1),
             slots=_int("SHALLOW_SLOTS", cls.slots, 1),
             compile_level=_int("SHALLOW_COMPILE_LEVEL", cls.compile_level, 0),
+            cuda_graphs=_tristate("SHALLOW_CUDA_GRAPHS"),
+            static_cache=_env("SHALLOW_STATIC_CACHE", "0").lower() in ("1", "true", "yes"),
             generation=GenerationSettings.from_env(),
         )
 

@@ -51,6 +51,7 @@ class Backend:
         self.device = device
         self.context_tokens = context_tokens
         self.description = description
+        self.static_cache = False
 
     def close(self) -> None:
         """Release what the backend runs besides the model (the batched backend's engine thread)."""
@@ -120,6 +121,8 @@ class Backend:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if ignore_eos:
             kwargs["min_new_tokens"] = max_new_tokens
+        if self.static_cache:
+            kwargs["cache_implementation"] = "static"  # on CUDA, transformers compiles the decoding step for it
 
         result: dict[str, object] = {}
 
@@ -221,7 +224,15 @@ class TransformersBackend(Backend):
         if device == "cpu":
             model.to("cpu")
         model.eval()
+        if settings.static_cache and device.startswith("cuda") and not settings.load_in_4bit:
+            if adapter:
+                model = model.merge_and_unload()  # one set of weights for the compiled step
+            backend = cls(model, tokenizer, device, _context(settings, model.config), "")
+            backend.static_cache = True
         desc = f"{base}" + (f" + adapter {adapter}" if adapter else "") + f" on {device}"
+        if settings.static_cache and device.startswith("cuda") and not settings.load_in_4bit:
+            backend.description = desc + ", bf16, static cache + torch.compile"
+            return backend
         return cls(model, tokenizer, device, _context(settings, model.config), desc)
 
 

@@ -32,7 +32,8 @@ POLL = 0.05  # seconds a stream waits for its next tokens before it checks for a
 class BatchEngine:
     """One ContinuousBatchingManager, its results routed to each request's own queue by one thread."""
 
-    def __init__(self, model, tokenizer, gen: GenerationSettings, max_new_tokens: int, slots: int, compile_level: int) -> None:
+    def __init__(self, model, tokenizer, gen: GenerationSettings, max_new_tokens: int, slots: int, compile_level: int,
+                 cuda_graphs: bool | None = None) -> None:
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         eos = tokenizer.eos_token_id
@@ -45,6 +46,8 @@ class BatchEngine:
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         )
         cb_kwargs: dict[str, object] = {"max_requests_per_batch": max(1, slots), "default_compile_level": compile_level}
+        if cuda_graphs is not None and model.device.type == "cuda":
+            cb_kwargs["use_cuda_graph"] = cuda_graphs
         if model.device.type != "cuda":
             cb_kwargs.update(num_blocks=max(16, slots * 4), max_batch_tokens=max(256, slots * 16), block_size=64)
         self.manager = model.init_continuous_batching(
@@ -134,7 +137,7 @@ class BatchedBackend(Backend):
         slots = max(1, settings.slots)
         try:
             engine = BatchEngine(model, tokenizer, settings.generation, settings.generation.max_new_tokens, slots,
-                                 settings.compile_level if device.startswith("cuda") else 0)
+                                 settings.compile_level if device.startswith("cuda") else 0, settings.cuda_graphs)
         except (ValueError, RuntimeError, NotImplementedError) as exc:
             raise ConfigError(f"continuous batching is not available for {base}: {exc}") from None
         desc = f"{base}" + (f" + adapter {adapter} (merged)" if adapter else "") + f" on {device}, {slots} slot(s), {dtype}"
