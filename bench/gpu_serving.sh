@@ -34,6 +34,11 @@ for stage in "$@"; do
         --label "transformers bf16 static cache + compile, direct" --json "$out/static-direct.json"
       SHALLOW_BACKEND=transformers SHALLOW_LOAD_IN_4BIT=0 SHALLOW_STATIC_CACHE=1 bench --channels 1 --turns 3 --warmup 2 \
         --label "transformers bf16 static cache + compile, end to end" --json "$out/static.json" ;;
+    gpus)  # issue 11: one worker process per GPU on one queue, one GPU against two in the same run
+      for g in 0 0,1; do
+        SHALLOW_BACKEND=batched SHALLOW_CUDA_GRAPHS=1 bench --channels ${CHANNELS:-16,64,256} --turns ${TURNS:-2} \
+          --worker-args "--gpus $g --slots 256" --label "batched, CUDA graphs, --gpus $g" --json "$out/gpus-${g/,/-}.json"
+      done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

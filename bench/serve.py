@@ -268,6 +268,19 @@ def run_direct(backend, settings: Settings, channels: int, turns: int, new_token
 # -- a stack of its own ----------------------------------------------------------------------------
 
 
+def registrations_per_worker(worker_args: list[str]) -> int:
+    """RQ workers one `shallow worker ARGS` registers: processes (--processes, --gpus) times slots."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--slots", type=int)
+    p.add_argument("--processes", type=int)
+    p.add_argument("--gpus", default="")
+    known, _ = p.parse_known_args(worker_args)
+    gpus = [g for g in known.gpus.split(",") if g.strip()]
+    processes = known.processes or max(1, len(gpus))
+    slots = known.slots or int(os.environ.get("SHALLOW_SLOTS") or 1)
+    return processes * max(1, slots)
+
+
 @contextmanager
 def embedded_stack(settings: Settings, workers: int, worker_args: list[str], timeout: float) -> Iterator[Settings]:
     """A redis-server of its own (Unix socket, temporary data) and `workers` worker processes on it."""
@@ -277,6 +290,7 @@ def embedded_stack(settings: Settings, workers: int, worker_args: list[str], tim
 
     from shared.redis_conn import EmbeddedRedis, connect
 
+    expected = workers * registrations_per_worker(worker_args)
     with tempfile.TemporaryDirectory(prefix="shallow-bench-") as tmp:
         redis_server = EmbeddedRedis(Path(tmp) / "redis")
         url = redis_server.start()
@@ -297,7 +311,7 @@ def embedded_stack(settings: Settings, workers: int, worker_args: list[str], tim
                     tail = (Path(tmp) / f"worker{procs.index(dead[0])}.log").read_text(errors="replace")[-2000:]
                     raise ConfigError(f"a bench worker exited with code {dead[0].returncode}:\n{tail}")
                 names = {w.name for w in Worker.all(connection=conn)}
-                if sum(1 for n in names if n.startswith(f"bench-{os.getpid()}-")) >= workers:
+                if sum(1 for n in names if n.startswith(f"bench-{os.getpid()}-")) >= expected:
                     break
                 if time.monotonic() > deadline:
                     raise ConfigError(f"the bench workers did not start within {timeout:.0f}s")

@@ -225,6 +225,11 @@ class TransformersBackend(Backend):
             model.to("cpu")
         model.eval()
         if settings.static_cache and device.startswith("cuda") and not settings.load_in_4bit:
+            import torch._inductor.config as inductor_config
+
+            # generate() runs in a helper thread here; CUDA graph trees keep their state per thread and
+            # failed there ("assert torch._C._is_key_in_tls") on torch 2.11: use plain CUDA graphs
+            inductor_config.triton.cudagraph_trees = False
             if adapter:
                 model = model.merge_and_unload()  # one set of weights for the compiled step
             backend = cls(model, tokenizer, device, _context(settings, model.config), "")
