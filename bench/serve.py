@@ -174,19 +174,97 @@ def table(rows: list[Row]) -> str:
 # -- end to end ------------------------------------------------------------------------------------
 
 
+class StreamReader:
+    """Follows every reply stream of a run with one connection and one XREAD over all of them.
+
+    A thread per followed reply (what a bot does for its few replies at a time) makes a load generator
+    measure its own lag at a few hundred channels; one reader keeps up. Each turn's events land in its
+    Turn; `wait(job_id)` blocks until its done or error event. A job that fails without a word (its
+    worker died for good) is found by a check every few seconds.
+    """
+
+    def __init__(self, client, timeout: float) -> None:
+        self.client = client
+        self.r = client.r
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.turns: dict[str, tuple[Turn, str, threading.Event]] = {}  # job id -> (turn, last entry id, done)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="bench-reader", daemon=True)
+        self.thread.start()
+
+    def add(self, job_id: str, turn: Turn) -> threading.Event:
+        done = threading.Event()
+        with self.lock:
+            self.turns[job_id] = (turn, "0-0", done)
+        return done
+
+    def _finish(self, job_id: str) -> None:
+        with self.lock:
+            _, _, done = self.turns.pop(job_id)
+        done.set()
+
+    def _run(self) -> None:
+        from shared.protocol import EVENT_FIELD, Chunk, Done, Error, Start, decode_event, stream_key
+
+        last_check = time.monotonic()
+        while not self.stopped.is_set():
+            with self.lock:
+                streams = {stream_key(j): last for j, (_, last, _) in self.turns.items()}
+            if not streams:
+                time.sleep(0.01)
+                continue
+            resp = self.r.xread(streams, block=100, count=1000)
+            now = time.perf_counter()
+            for key, entries in resp or []:
+                job_id = key.decode().rsplit(":", 1)[1]
+                with self.lock:
+                    if job_id not in self.turns:
+                        continue
+                    turn, _, done = self.turns[job_id]
+                    self.turns[job_id] = (turn, entries[-1][0].decode(), done)
+                for _, fields in entries:
+                    event = decode_event(fields[EVENT_FIELD.encode()])
+                    if isinstance(event, Start):
+                        turn.started = now
+                    elif isinstance(event, Chunk) and turn.first_token is None and event.text:
+                        turn.first_token = now
+                    elif isinstance(event, Done):
+                        turn.done, turn.tokens, turn.model_seconds = now, event.completion_tokens, event.model_seconds
+                        self._finish(job_id)
+                        break
+                    elif isinstance(event, Error):
+                        turn.error = event.message
+                        self._finish(job_id)
+                        break
+            if time.monotonic() - last_check > 3:
+                last_check = time.monotonic()
+                with self.lock:
+                    waiting = list(self.turns.items())
+                for job_id, (turn, _, _) in waiting:
+                    ended = self.client._ended_without_reply(job_id)  # noqa: SLF001 - the client's own check
+                    if ended is not None or now - turn.enqueued > self.timeout:
+                        turn.error = ended.message if ended else "timed out"
+                        self._finish(job_id)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+
+
 def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: int, run_id: str) -> Row:
     """N channels at once, each sending `turns` turns one after another through Redis and the workers."""
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
     from shared.client import TurnClient
-    from shared.protocol import Chunk, Done, Error, Start
 
     client = TurnClient(settings)
     if client.workers_alive() == 0:
         raise ConfigError("no worker is running on this queue: start `shallow worker` (or use --embedded)")
-    results: list[Turn] = []
+    results: list[tuple[str, Turn]] = []
     lock = threading.Lock()
+    reader = StreamReader(client, timeout=settings.job_timeout * 2)
 
     def one_channel(i: int) -> None:
         channel = f"bench:{run_id}:{i}"
@@ -195,24 +273,16 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
                 turn = Turn(channel=i)
                 prompt = PROMPTS[(i + k) % len(PROMPTS)]
                 turn.enqueued = time.perf_counter()
-                sub = client.chat(channel, prompt, user="bench", max_new_tokens=new_tokens, ignore_eos=True)
-                for event in client.follow(sub.job_id, timeout=settings.job_timeout * 2, poll=0.2):
-                    now = time.perf_counter()
-                    if isinstance(event, Chunk) and turn.first_token is None and event.text:
-                        turn.first_token = now
-                    elif isinstance(event, Start):
-                        turn.started = now
-                    elif isinstance(event, Done):
-                        turn.done = now
-                        turn.tokens = event.completion_tokens
-                        turn.model_seconds = event.model_seconds
-                    elif isinstance(event, Error):
-                        turn.error = event.message
-                job = Job.fetch(sub.job_id, connection=client.r, serializer=JSONSerializer)
-                if job.enqueued_at and job.started_at:
-                    turn.queue_wait = max(0.0, (job.started_at - job.enqueued_at).total_seconds())
+                try:
+                    sub = client.chat(channel, prompt, user="bench", max_new_tokens=new_tokens, ignore_eos=True)
+                except Exception as exc:  # counted and shown, the run goes on
+                    turn.error = f"{type(exc).__name__}: {exc}"
+                    with lock:
+                        results.append(("", turn))
+                    continue
+                reader.add(sub.job_id, turn).wait()
                 with lock:
-                    results.append(turn)
+                    results.append((sub.job_id, turn))
         finally:
             client.reset(channel)
 
@@ -223,7 +293,14 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return summarise("end-to-end", channels, turns, new_tokens, results, wall)
+    reader.stop()
+    for job_id, turn in results:  # RQ's own enqueued -> started, read after the run so as not to load it
+        if not job_id:
+            continue
+        job = Job.fetch(job_id, connection=client.r, serializer=JSONSerializer)
+        if job.enqueued_at and job.started_at:
+            turn.queue_wait = max(0.0, (job.started_at - job.enqueued_at).total_seconds())
+    return summarise("end-to-end", channels, turns, new_tokens, [t for _, t in results], wall)
 
 
 # -- the backend alone -----------------------------------------------------------------------------
