@@ -25,6 +25,7 @@ STORY_CHOICE = "I choose: {choice}"
 CHOICES_LEAD = "\n\nWhat do you do?\n"
 
 MIN_CHOICES, MAX_CHOICES = 2, 4
+FALLBACK_CHOICES = ("Look around carefully", "Press on", "Turn back")  # when the model cannot write a menu
 
 _CHOICE_LINE = re.compile(r"^\s*(?:\*\*)?\(?([1-9])[.):]\)?(?:\*\*)?\s+(.+?)\s*$")
 _WHAT_NOW = re.compile(r"\s*(?:\*\*)?what (?:do|will) you do(?: next)?\??(?:\*\*)?\s*$", re.IGNORECASE)

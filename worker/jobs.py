@@ -20,6 +20,7 @@ from shared.prompts import (
     CHAT_SYSTEM_PROMPT,
     CHOICES_LEAD,
     MAX_CHOICES,
+    FALLBACK_CHOICES,
     MIN_CHOICES,
     STORY_BEGIN,
     Message,
@@ -260,12 +261,20 @@ def _force_choices(
                 choice = choice.rsplit(" ", 1)[0].rstrip(",;:") + "…"  # cut at the limit: drop the half word
             if choice or gen.finish_reason == "cancelled":
                 break
+        if gen.finish_reason == "cancelled":
+            return (choices if len(choices) >= MIN_CHOICES else []), tokens
         if not choice:
             break
         line = prefix + choice
         emit(line)
         written += line
         choices.append(choice)
-    if len(choices) < MIN_CHOICES:
-        return [], tokens
+    # The model could not write them all: the rest of the menu is the stock one, so a reader always has
+    # choices (buttons) to go on with.
+    for fallback in FALLBACK_CHOICES:
+        if len(choices) >= FORCED_CHOICES:
+            break
+        if fallback not in choices:
+            emit(("\n" if choices else "") + f"{len(choices) + 1}. {fallback}")
+            choices.append(fallback)
     return choices[:MAX_CHOICES], tokens

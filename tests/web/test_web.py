@@ -276,3 +276,28 @@ def test_without_a_worker_the_message_waits_and_is_answered_when_one_starts(stac
     final, _ = wait_reply(page, "chat-log", 1)
     assert "No worker" not in final
     page.context.close()
+
+
+def test_a_password_protects_the_page(env, processes):
+    """SHALLOW_WEB_PASSWORD turns on Gradio's login: nothing is served without it."""
+    import urllib.error
+    import urllib.parse
+
+    port = free_port()
+    web = processes.start(["web", "--port", str(port)], env.vars(SHALLOW_WEB_PASSWORD="s3cret", SHALLOW_WEB_USER="ada"), "web-auth")
+    url = f"http://127.0.0.1:{port}"
+
+    def status(path: str, data: dict | None = None) -> int:
+        body = urllib.parse.urlencode(data).encode() if data is not None else None
+        try:
+            return urllib.request.urlopen(url + path, data=body, timeout=5).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            if web.poll() is not None:
+                raise AssertionError(web.log_path.read_text()[-2000:]) from None
+            return 0
+
+    wait_for(lambda: status("/config") == 401, 90, "the page to ask for a login")
+    assert status("/login", {"username": "ada", "password": "wrong"}) == 400
+    assert status("/login", {"username": "ada", "password": "s3cret"}) == 200
