@@ -174,6 +174,17 @@ def table(rows: list[Row]) -> str:
 # -- end to end ------------------------------------------------------------------------------------
 
 
+def run_channels(one_channel, channels: int) -> float:
+    """one_channel(i) for every channel at once, a thread each; the wall time until all are done."""
+    threads = [threading.Thread(target=one_channel, args=(i,), daemon=True) for i in range(channels)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 class StreamReader:
     """Follows every reply stream of a run with one connection and one XREAD over all of them.
 
@@ -286,13 +297,7 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
         finally:
             client.reset(channel)
 
-    threads = [threading.Thread(target=one_channel, args=(i,), daemon=True) for i in range(channels)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_channels(one_channel, channels)
     reader.stop()
     for job_id, turn in results:  # RQ's own enqueued -> started, read after the run so as not to load it
         if not job_id:
@@ -332,13 +337,7 @@ def run_direct(backend, settings: Settings, channels: int, turns: int, new_token
             with lock:
                 results.append(turn)
 
-    threads = [threading.Thread(target=one_channel, args=(i,), daemon=True) for i in range(channels)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_channels(one_channel, channels)
     return summarise("direct", channels, turns, new_tokens, results, wall)
 
 

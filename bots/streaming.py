@@ -92,9 +92,9 @@ class Surface(Protocol):
 
 def waiting_text(event: Waiting) -> str:
     if event.workers == 0:
-        return "⏳ Waiting for a worker to start: your message is queued and will be answered."
-    if event.position:
-        return f"⏳ Queued: {event.position} ahead of you." if event.position > 1 else "⏳ Queued: you are next."
+        return "⏳ No worker is running right now: your message is queued and will be answered when one starts."
+    if event.position:  # 1 is next: position - 1 messages are ahead
+        return f"⏳ Queued: {event.position - 1} ahead of you." if event.position > 1 else "⏳ Queued: you are next."
     return "⏳ Starting…"
 
 

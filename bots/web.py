@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 import redis
 
+from bots.streaming import WRITING_MARK, waiting_text
 from shared.client import ReplyText, TurnClient, Waiting
 from shared.errors import BadInput, ChannelBusy, ConfigError
 from shared.prompts import parse_choices
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 MAX_CHOICE_BUTTONS = 4  # parse_choices and the worker's forced choices give 2-4
 UPDATE_INTERVAL = 0.1  # seconds between screen updates of a streaming reply
-WRITING_MARK = " ▌"
 _SID = re.compile(r"^[0-9a-f]{32}$")
 
 Message = dict[str, str]
@@ -60,14 +60,6 @@ class WebSettings:
             user=os.environ.get("SHALLOW_WEB_USER") or cls.user,
             password=os.environ.get("SHALLOW_WEB_PASSWORD") or None,
         )
-
-
-def waiting_text(event: Waiting) -> str:
-    if event.workers == 0:
-        return "⏳ No worker is running right now: your message is queued and will be answered when one starts."
-    if event.position:
-        return f"⏳ Queued: {event.position - 1} ahead of you." if event.position > 1 else "⏳ Queued: you are next."
-    return "⏳ Starting…"
 
 
 def passage_of(text: str) -> str:

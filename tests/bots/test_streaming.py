@@ -95,3 +95,12 @@ def test_a_reply_is_recorded_as_owed_before_its_job_is_enqueued(redis_proc, tmp_
     owed = {p.job_id: p.where for p in deliveries.pending.all()}
     assert owed == {job_id: dict(where)} and where["chat"] == 1 and "session_id" in where
     assert refused and "empty" in refused[0]  # the refused turn is told and not left owed
+
+
+def test_the_waiting_notice_counts_the_messages_ahead():
+    from bots.streaming import waiting_text
+    from shared.client import Waiting
+
+    assert waiting_text(Waiting(position=1, workers=1)) == "⏳ Queued: you are next."
+    assert waiting_text(Waiting(position=3, workers=1)) == "⏳ Queued: 2 ahead of you."
+    assert "No worker is running" in waiting_text(Waiting(position=3, workers=0))
