@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving benchmark of issue 8 on a GPU box with no hub: a Llama-3.2-1B-shaped checkpoint with random
 # weights and a random LoRA adapter, then `shallow bench` in each serving mode. Usage:
-#   bench/gpu_serving.sh OUT_DIR [baseline|batched|direct|fourbit ...]
+#   bench/gpu_serving.sh OUT_DIR [baseline|fourbit|slots|slots4bit|batched|direct|graphs|static|gpus ...]
 # (on the project's GPU machine: source .gpu/env.sh first; .gpu/make_llama1b.py builds the checkpoint)
 set -euo pipefail
 out=${1:?OUT_DIR}; shift
@@ -20,14 +20,24 @@ for stage in "$@"; do
     fourbit)  # the design card's mode: unsloth, NF4 + LoRA, one job at a time
       SHALLOW_BACKEND=unsloth SHALLOW_LOAD_IN_4BIT=1 bench --channels 1,16 --turns 1 \
         --label "unsloth NF4 + LoRA, one job at a time" --json "$out/fourbit.json" ;;
-    batched)  # continuous batching, bf16, LoRA merged, 256 slots in one worker process
-      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --worker-args "--slots 256" \
+    slots)  # the slot engine (static cache, CUDA graphs), bf16 with the LoRA merged: the backend alone, then end to end
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
+        --label "slot engine bf16 merged LoRA, direct" --json "$out/slots-direct.json"
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --worker-args "--slots 256" \
+        --label "slot engine bf16 merged LoRA, 256 slots, end to end" --json "$out/slots.json" ;;
+    slots4bit)  # the slot engine with the design card's model: NF4 base + LoRA adapter
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=1 SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
+        --label "slot engine NF4 + LoRA, direct" --json "$out/slots4bit-direct.json"
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=1 bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --worker-args "--slots 256" \
+        --label "slot engine NF4 + LoRA, 256 slots, end to end" --json "$out/slots4bit.json" ;;
+    batched)  # transformers' continuous batching (paged engine), bf16, LoRA merged, 256 slots in one worker process
+      SHALLOW_BACKEND=batched SHALLOW_BATCH_ENGINE=paged SHALLOW_LOAD_IN_4BIT=0 SHALLOW_SLOTS=256 bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --worker-args "--slots 256" \
         --label "batched bf16 merged LoRA, 256 slots (compile level ${SHALLOW_COMPILE_LEVEL:-0})" --json "$out/batched.json" ;;
     direct)  # the same engine without Redis or RQ: what the pipeline costs
-      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
+      SHALLOW_BACKEND=batched SHALLOW_BATCH_ENGINE=paged SHALLOW_LOAD_IN_4BIT=0 SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
         --label "batched bf16, direct" --json "$out/direct.json" ;;
-    graphs)  # the same engine with CUDA graphs forced on
-      SHALLOW_BACKEND=batched SHALLOW_SLOTS=256 SHALLOW_CUDA_GRAPHS=1 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
+    graphs)  # the paged engine with CUDA graphs forced on
+      SHALLOW_BACKEND=batched SHALLOW_BATCH_ENGINE=paged SHALLOW_LOAD_IN_4BIT=0 SHALLOW_SLOTS=256 SHALLOW_CUDA_GRAPHS=1 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
         --label "batched bf16, CUDA graphs, direct" --json "$out/graphs.json" ;;
     static)  # one stream: bf16, LoRA merged, static KV cache + torch.compile
       SHALLOW_BACKEND=transformers SHALLOW_LOAD_IN_4BIT=0 SHALLOW_STATIC_CACHE=1 bench --direct --channels 1 --turns 3 --warmup 2 \
@@ -36,8 +46,8 @@ for stage in "$@"; do
         --label "transformers bf16 static cache + compile, end to end" --json "$out/static.json" ;;
     gpus)  # issue 11: one worker process per GPU on one queue, one GPU against two in the same run
       for g in 0 0,1; do
-        SHALLOW_BACKEND=batched SHALLOW_CUDA_GRAPHS=1 bench --channels ${CHANNELS:-16,64,256} --turns ${TURNS:-2} \
-          --worker-args "--gpus $g --slots 256" --label "batched, CUDA graphs, --gpus $g" --json "$out/gpus-${g/,/-}.json"
+        SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 bench --channels ${CHANNELS:-16,64,256} --turns ${TURNS:-2} \
+          --worker-args "--gpus $g --slots 256" --label "slot engine bf16, --gpus $g" --json "$out/gpus-${g/,/-}.json"
       done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

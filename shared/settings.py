@@ -103,8 +103,9 @@ class Settings:
     max_input_chars: int = 2000  # Discord's own message limit; longer is almost always a paste by mistake
     max_title_chars: int = 100
     slots: int = 1  # replies one worker process writes at once (RQ loops in threads over one batched model)
-    compile_level: int = 0  # batched backend on CUDA: transformers' compile level (1-3 compile more; 1 failed with top_p sampling on torch 2.11)
-    cuda_graphs: bool | None = None  # batched backend: CUDA graphs (None: transformers decides)
+    compile_level: int = 0  # batched backend on CUDA: >0 compiles the slot engine's step (torch.compile); the paged engine's compile level
+    cuda_graphs: bool | None = None  # batched backend on CUDA: CUDA graphs (None: on for the slot engine, transformers decides for paged)
+    batch_engine: str = "slots"  # batched backend: slots (static cache, CUDA graphs) or paged (transformers' continuous batching)
     static_cache: bool = False  # transformers backend, bf16 on CUDA: static KV cache (+ torch.compile) per reply
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
@@ -115,6 +116,9 @@ class Settings:
         if backend not in ("auto", "transformers", "unsloth", "batched"):
             raise ConfigError(f"SHALLOW_BACKEND must be auto, transformers, unsloth or batched, got {backend!r}")
         adapter = _env("SHALLOW_ADAPTER", "")
+        batch_engine = _env("SHALLOW_BATCH_ENGINE", cls.batch_engine).lower()
+        if batch_engine not in ("slots", "paged"):
+            raise ConfigError(f"SHALLOW_BATCH_ENGINE must be slots or paged, got {batch_engine!r}")
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
             queue=_env("SHALLOW_QUEUE", cls.queue),
@@ -138,6 +142,7 @@ class Settings:
             slots=_int("SHALLOW_SLOTS", cls.slots, 1),
             compile_level=_int("SHALLOW_COMPILE_LEVEL", cls.compile_level, 0),
             cuda_graphs=_tristate("SHALLOW_CUDA_GRAPHS"),
+            batch_engine=batch_engine,
             static_cache=_env("SHALLOW_STATIC_CACHE", "0").lower() in ("1", "true", "yes"),
             generation=GenerationSettings.from_env(),
         )

@@ -1,14 +1,17 @@
-"""Many replies generated together by one model: transformers' continuous batching behind the Backend API.
+"""Many replies generated together by one model, behind the Backend API.
 
 `BatchedBackend.stream()` has the same contract as the other backends (text pieces as they are decoded,
-cancellable, counts at the end) but adds a request to one shared `ContinuousBatchingManager`, which
-schedules every request in flight into the same forward passes (paged KV cache, new requests joining
-between steps). The worker runs several RQ worker loops in threads over it (`shallow worker --slots N`):
-each job is still one RQ job, started, finished, failed or retried on its own, with its own stream.
+cancellable, counts at the end) but hands a request to one engine shared by the whole process, which
+runs every request in flight through the same forward passes; new requests join between steps. The
+worker runs several RQ worker loops in threads over it (`shallow worker --slots N`): each job is still
+one RQ job, started, finished, failed or retried on its own, with its own stream.
 
-LoRA adapters are merged into the base weights at load (no adapter arithmetic per token), in bf16 on
-CUDA and fp32 on the CPU. The 4-bit + LoRA mode of the design card stays available as the
-`transformers` and `unsloth` backends.
+Two engines: `slots` (the default, `worker/engine.py`: a static KV cache with one row per slot, the
+decoding step replayed as a CUDA graph, sampling per request) and `paged` (transformers'
+`ContinuousBatchingManager`, `SHALLOW_BATCH_ENGINE=paged`). On CUDA the base is loaded in 4-bit
+(NF4, the adapter kept beside it) when SHALLOW_LOAD_IN_4BIT is on, the design card's mode; otherwise
+the adapter is merged into the weights at load (bf16 on CUDA, fp32 on the CPU), no adapter arithmetic
+per token.
 """
 from __future__ import annotations
 
@@ -23,14 +26,20 @@ from shared.models import resolve_model
 from shared.prompts import Message
 from shared.settings import GenerationSettings, Settings
 from worker.backends import Backend, Generation, _context, _pick_device, _tokenizer_source
+from worker.engine import STEPS, EngineStopped, Request, SlotEngine
 
 logger = logging.getLogger(__name__)
 
 POLL = 0.05  # seconds a stream waits for its next tokens before it checks for a cancel
+BATCHED_CONTEXT = 4096  # the default context of the batched backend: every slot holds a KV cache this long
 
 
-class BatchEngine:
-    """One ContinuousBatchingManager, its results routed to each request's own queue by one thread."""
+class PagedEngine:
+    """transformers' ContinuousBatchingManager (paged KV cache); one thread routes its results to the requests.
+
+    Its sampling is set once for the engine from the worker's settings: a request's own temperature,
+    top-p and repetition penalty are not applied (the slot engine applies them).
+    """
 
     def __init__(self, model, tokenizer, gen: GenerationSettings, max_new_tokens: int, slots: int, compile_level: int,
                  cuda_graphs: bool | None = None) -> None:
@@ -54,49 +63,64 @@ class BatchEngine:
             generation_config=config, continuous_batching_config=ContinuousBatchingConfig(**cb_kwargs)
         )
         self.manager.start()
-        self.queues: dict[str, queue.Queue] = {}
+        self.requests: dict[str, tuple[Request, list[int]]] = {}
         self.lock = threading.Lock()
         self.counter = 0
         self.router = threading.Thread(target=self._route, name="batch-router", daemon=True)
         self.router.start()
 
     def _route(self) -> None:
+        from transformers.generation.continuous_batching.requests import RequestStatus
+
         while True:
             result = self.manager.get_result(timeout=0.5)
             if result is None:
                 if not self.manager.is_running():
                     with self.lock:
-                        waiting = list(self.queues.values())
-                    for q in waiting:
-                        q.put(RuntimeError("the batching engine stopped"))
+                        waiting, self.requests = list(self.requests.values()), {}
+                    for request, _ in waiting:
+                        request.out.put(EngineStopped("the batching engine stopped"))
                     if not waiting:
                         time.sleep(0.5)
                 continue
             with self.lock:
-                q = self.queues.get(result.request_id)
-            if q is not None:  # a cancelled request's late results have nowhere to go
-                q.put(result)
+                entry = self.requests.get(result.request_id)
+            if entry is None:  # a cancelled request's late results have nowhere to go
+                continue
+            request, seen = entry
+            if result.error:
+                request.out.put(RuntimeError(f"generation failed: {result.error}"))
+                self._forget(result.request_id)
+                continue
+            new = list(result.generated_tokens[len(seen):])
+            seen.extend(new)
+            if new:
+                request.out.put(new)
+            if result.is_finished() or result.status == RequestStatus.FINISHED:
+                request.out.put(None)
+                self._forget(result.request_id)
 
-    def submit(self, ids: list[int], max_new_tokens: int, ignore_eos: bool) -> tuple[str, queue.Queue]:
+    def submit(self, request: Request) -> None:
         with self.lock:
             self.counter += 1
             request_id = f"r{self.counter}"
-            q: queue.Queue = queue.Queue()
-            self.queues[request_id] = q
-        kwargs: dict[str, object] = {"eos_token_id": -1} if ignore_eos else {}
-        added = self.manager.add_request(ids, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True, **kwargs)
+            request.engine_id = request_id
+            self.requests[request_id] = (request, [])
+        kwargs: dict[str, object] = {} if request.eos else {"eos_token_id": -1}
+        added = self.manager.add_request(request.ids, request_id=request_id, max_new_tokens=request.max_new_tokens,
+                                         streaming=True, **kwargs)
         if added is None:
-            self.forget(request_id)
-            raise RuntimeError("the batching engine is not accepting requests")
-        return request_id, q
+            self._forget(request_id)
+            raise EngineStopped("the batching engine is not accepting requests")
 
-    def cancel(self, request_id: str) -> None:
-        self.manager.cancel_request(request_id)
-        self.forget(request_id)
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        self.manager.cancel_request(request.engine_id)
+        self._forget(request.engine_id)
 
-    def forget(self, request_id: str) -> None:
+    def _forget(self, request_id: str) -> None:
         with self.lock:
-            self.queues.pop(request_id, None)
+            self.requests.pop(request_id, None)
 
     def stop(self) -> None:
         self.manager.stop(block=True, timeout=10)
@@ -105,9 +129,10 @@ class BatchEngine:
 class BatchedBackend(Backend):
     name = "batched"
 
-    def __init__(self, *args, engine: BatchEngine, **kwargs) -> None:
+    def __init__(self, *args, engine: SlotEngine | PagedEngine, eos: frozenset[int], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.engine = engine
+        self.eos = eos
 
     def close(self) -> None:
         self.engine.stop()
@@ -121,27 +146,58 @@ class BatchedBackend(Backend):
         adapter = resolve_model(settings.adapter, settings.cache_dir, "adapter") if settings.adapter else None
         device = _pick_device(settings.device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        kwargs: dict[str, object] = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": "sdpa"}
+        four_bit = settings.load_in_4bit and device.startswith("cuda")
+        if four_bit:  # the design card's mode: NF4 base, the adapter kept beside it
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True)
         try:
             tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(base, adapter))
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": device})
+            model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         except OSError as exc:
             raise ModelNotFound(f"Cannot load the base model {base!r}: {exc}") from None
         if adapter:
             from peft import PeftModel
 
             try:
-                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # one set of weights
+                model = PeftModel.from_pretrained(model, adapter)
             except (OSError, ValueError) as exc:
                 raise ModelNotFound(f"Cannot load the adapter {adapter!r}: {exc}") from None
+            if not four_bit:
+                model = model.merge_and_unload()  # one set of weights, no adapter arithmetic per token
         model.eval()
         slots = max(1, settings.slots)
-        try:
-            engine = BatchEngine(model, tokenizer, settings.generation, settings.generation.max_new_tokens, slots,
-                                 settings.compile_level if device.startswith("cuda") else 0, settings.cuda_graphs)
-        except (ValueError, RuntimeError, NotImplementedError) as exc:
-            raise ConfigError(f"continuous batching is not available for {base}: {exc}") from None
-        desc = f"{base}" + (f" + adapter {adapter} (merged)" if adapter else "") + f" on {device}, {slots} slot(s), {dtype}"
-        return cls(model, tokenizer, device, _context(settings, model.config), desc, engine=engine)
+        context = settings.context_tokens or min(_context(settings, model.config), BATCHED_CONTEXT)
+        eos = _eos_ids(model, tokenizer)
+        if settings.batch_engine == "paged":
+            try:
+                engine: SlotEngine | PagedEngine = PagedEngine(
+                    model, tokenizer, settings.generation, settings.generation.max_new_tokens, slots,
+                    settings.compile_level if device.startswith("cuda") else 0, settings.cuda_graphs)
+            except (ValueError, RuntimeError, NotImplementedError) as exc:
+                raise ConfigError(f"continuous batching is not available for {base}: {exc}") from None
+            how = "paged engine"
+        else:
+            length = context + STEPS
+            per_row = _kv_bytes_per_token(model) * length
+            if device.startswith("cuda"):
+                free, _ = torch.cuda.mem_get_info(torch.device(device))
+                if per_row * slots > 0.8 * free:
+                    raise ConfigError(
+                        f"{slots} slots of {length} tokens need {per_row * slots / 2**30:.1f} GiB of KV cache and "
+                        f"{free / 2**30:.1f} GiB are free: lower SHALLOW_SLOTS or SHALLOW_CONTEXT_TOKENS")
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            graphs = settings.cuda_graphs is not False
+            compiled = settings.compile_level > 0 and device.startswith("cuda")
+            engine = SlotEngine(model, slots, length, cuda_graphs=graphs, pad_id=int(pad or 0), compile=compiled)
+            how = (f"slot engine, {engine.cache_bytes / 2**30:.2f} GiB KV cache" + (", CUDA graphs" if engine.use_graphs else "")
+                   + (", torch.compile" if compiled else ""))
+        desc = (f"{base}" + (f" + adapter {adapter}" + ("" if four_bit else " (merged)") if adapter else "")
+                + f" on {device}, {slots} slot(s), {'NF4 base' if four_bit else dtype}, {how}")
+        return cls(model, tokenizer, device, context, desc, engine=engine, eos=eos)
 
     def stream(
         self,
@@ -154,51 +210,44 @@ class BatchedBackend(Backend):
         stop_at_newline: bool = False,
         ignore_eos: bool = False,
     ) -> Generation:
-        """Add one request to the shared batch; the Generation yields its text as its tokens arrive.
-
-        Sampling (temperature, top_p) is the engine's, set from the worker's settings at load.
-        """
+        """Add one request to the shared batch; the Generation yields its text as its tokens arrive."""
         import torch
         from transformers import TextIteratorStreamer
 
         ids = self.encode(messages, continue_final=continue_final)
         generation = Generation(pieces=iter(()), prompt_tokens=len(ids))
         engine = self.engine
+        request = Request(ids=ids, max_new_tokens=max_new_tokens, eos=frozenset() if ignore_eos else self.eos,
+                          temperature=gen.temperature, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
         tokenizer = self.tokenizer
 
         def pieces() -> Iterator[str]:
-            from transformers.generation.continuous_batching.requests import RequestStatus
-
             streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-            request_id, results = engine.submit(ids, max_new_tokens, ignore_eos)
-            seen = 0
+            engine.submit(request)
+            count = 0
             text = ""
             finished = False
             try:
                 while True:
                     try:
-                        result = results.get(timeout=POLL)
+                        item = request.out.get(timeout=POLL)
                     except queue.Empty:
-                        result = None
-                    if isinstance(result, BaseException):
-                        raise result
-                    if result is not None:
-                        if result.error:
-                            raise RuntimeError(f"generation failed: {result.error}")
-                        new = result.generated_tokens[seen:]
-                        seen = len(result.generated_tokens)
-                        if new:
-                            streamer.put(torch.tensor(new))
-                        finished = result.is_finished() or result.status == RequestStatus.FINISHED
-                        if finished:
+                        item = False
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None or isinstance(item, list):
+                        if item:
+                            count += len(item)
+                            streamer.put(torch.tensor(item))
+                        else:
+                            finished = True
                             streamer.end()
                         while not streamer.text_queue.empty():
                             piece = streamer.text_queue.get_nowait()
-                            if piece is streamer.stop_signal:
+                            if piece is streamer.stop_signal or not piece:
                                 continue
-                            if piece:
-                                text += piece
-                                yield piece
+                            text += piece
+                            yield piece
                         if finished:
                             break
                         if stop_at_newline and text.strip() and "\n" in text.lstrip():
@@ -209,12 +258,24 @@ class BatchedBackend(Backend):
                         break
             finally:
                 if not finished:
-                    engine.cancel(request_id)
-                else:
-                    engine.forget(request_id)
-            generation.completion_tokens = seen
-            if generation.finish_reason == "stop" and finished and seen >= max_new_tokens:
+                    engine.cancel(request)
+            generation.completion_tokens = count
+            if finished and count >= request.max_new_tokens:
                 generation.finish_reason = "length"
 
         generation.pieces = pieces()
         return generation
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    """Every end-of-turn token the model may write (Llama 3 has several), as `generate` stops on them."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return frozenset(int(i) for i in ids if i is not None)
+
+
+def _kv_bytes_per_token(model) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize

@@ -1,0 +1,356 @@
+"""The slot engine: many replies decoded together, one fixed-shape step replayed as a CUDA graph.
+
+Each reply in flight owns one row of a static KV cache (`rows` x `length` positions per layer). All rows
+are written at one shared position `t`, so one decoding step is a fixed-shape forward pass for the first
+`b` rows over the first `L` positions: it is captured once per (b, L) bucket as a CUDA graph, with the
+sampling (repetition penalty, temperature, top-k 50 then top-p, per row) and the bookkeeping of the next
+step inside it, and replayed `STEPS` times before the host reads the new tokens. A new reply is
+prefilled into a free row so that its prompt ends at `t` (left-padded with its neighbours in one
+batch); its tokens keep their own rotary positions, so where a row sits in the cache does not matter.
+The attention mask of row i allows positions [start_i, t]. When the window of live positions drifts
+towards the end of the cache, or a new prompt does not fit before `t`, the live part is shifted (one
+copy). Finished rows are filled with the last live row, so the live rows are always the first `n`.
+
+The model is any transformers causal LM whose attention layers call `past_key_values.update()` and
+accept a prepared 4-D mask (Llama and SmolLM2 here). On the CPU the same step runs eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+STEPS = 4  # decoding steps between two reads of the new tokens (a new reply waits at most this many to join)
+TOP_K = 50  # transformers' default top-k, applied before top-p as in `generate`
+PREFILL_TOKENS = 8192  # prompt tokens (padding included) prefilled in one forward pass at most
+MIN_SHIFT = 256  # the live window is moved back to the cache's start only when that frees this much
+
+
+def sample(logits, temperature, top_p, penalty, seen):
+    """Next token per row: repetition penalty on seen tokens, then greedy (temperature 0) or top-k/top-p sampling.
+
+    Everything is tensor arithmetic with no host synchronisation, so it can be captured in a CUDA graph.
+    """
+    import torch
+
+    logits = logits.float()
+    pen = penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+    greedy = logits.argmax(-1)
+    top, index = (logits / temperature.clamp_min(1e-5)[:, None]).topk(min(TOP_K, logits.shape[-1]), dim=-1)
+    probs = top.softmax(-1)
+    before = probs.cumsum(-1) - probs  # probability mass ranked above each candidate
+    probs = probs.masked_fill(before > top_p[:, None], 0.0)  # the first candidate always stays
+    choice = (probs / torch.empty_like(probs).exponential_(1.0)).argmax(-1)  # a draw from probs
+    sampled = index.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+class _Window:
+    """What the attention layers see as `past_key_values`: views of some rows and positions of the cache."""
+
+    def __init__(self, keys, values, index) -> None:
+        self.keys, self.values, self.index = keys, values, index
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.index, key_states)
+        values.index_copy_(2, self.index, value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    max_new_tokens: int
+    eos: frozenset[int]
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    out: queue.Queue = field(default_factory=queue.Queue)  # lists of new token ids, then None (done) or an exception
+    generated: int = 0
+    cancelled: bool = False
+    engine_id: str = ""  # the paged engine's own name for it
+
+
+class EngineStopped(RuntimeError):
+    pass
+
+
+def _buckets(limit: int, first: int) -> list[int]:
+    sizes, size = [], first
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return sizes + [limit]
+
+
+class SlotEngine:
+    def __init__(self, model, rows: int, length: int, *, cuda_graphs: bool = True, pad_id: int = 0,
+                 compile: bool = False) -> None:
+        import torch
+
+        cfg = model.config
+        self.model, self.rows, self.length, self.pad_id = model, rows, length, pad_id
+        # the decoding step's forward pass, optionally through torch.compile (one dynamic-shape compile)
+        self.forward = torch.compile(model, dynamic=True) if compile else model
+        self.device = model.device
+        dtype = model.dtype
+        layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        vocab = model.get_output_embeddings().weight.shape[0]
+        dev = self.device
+
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=dev)
+
+        self.keys = [zeros(rows, heads, length, head_dim, dtype=dtype) for _ in range(layers)]
+        self.values = [zeros(rows, heads, length, head_dim, dtype=dtype) for _ in range(layers)]
+        self.tokens, self.pos, self.start = zeros(rows, 1), zeros(rows, 1), zeros(rows)
+        self.temperature, self.top_p = zeros(rows, dtype=torch.float32), zeros(rows, dtype=torch.float32)
+        self.penalty = torch.ones(rows, dtype=torch.float32, device=dev)
+        self.seen = zeros(rows, vocab, dtype=torch.bool)
+        self.out, self.col, self.write_at = zeros(rows, STEPS), zeros(1), zeros(1)
+        self.key_index = torch.arange(length, device=dev)
+        self.row_buckets = _buckets(rows, 1)
+        self.len_buckets = _buckets(length, 128)
+        self.t = 0  # the host's copy of write_at
+        self.live: list[Request] = []  # live[i] owns row i
+        self.waiting: list[Request] = []
+        self.incoming: queue.Queue[Request] = queue.Queue()
+        self.graphs: dict[tuple[int, int], object] = {}
+        self.use_graphs = bool(cuda_graphs) and dev.type == "cuda"
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        if self.use_graphs:
+            self._capture_all()
+        self.thread = threading.Thread(target=self._run, name="slot-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() for k in self.keys) * 2
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def _step(self, b: int, length: int) -> None:
+        """One decoding step for rows [:b] over positions [:length]; only device tensors, no host sync."""
+        idx = self.key_index[:length][None, :]
+        mask = ((idx >= self.start[:b, None]) & (idx <= self.write_at)) | (idx == self.write_at)
+        window = _Window([k[:b, :, :length] for k in self.keys], [v[:b, :, :length] for v in self.values], self.write_at)
+        logits = self.forward(
+            input_ids=self.tokens[:b], position_ids=self.pos[:b], attention_mask=mask[:, None, None, :],
+            past_key_values=window, use_cache=True,
+        ).logits[:, -1]
+        nxt = sample(logits, self.temperature[:b], self.top_p[:b], self.penalty[:b], self.seen[:b])
+        self.out[:b].index_copy_(1, self.col, nxt[:, None])
+        self.tokens[:b, 0] = nxt
+        self.pos[:b] += 1
+        self.seen[:b].scatter_(1, nxt[:, None], True)
+        self.write_at += 1
+        self.col += 1
+
+    def _capture_all(self) -> None:
+        """Capture the step for every (rows, positions) bucket once, before any request (it runs on garbage)."""
+        import torch
+
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode():
+            for length in self.len_buckets:
+                for b in self.row_buckets:
+                    with torch.cuda.stream(stream):  # warm up on a side stream, as CUDA graph capture requires
+                        self.write_at.zero_()
+                        self.col.zero_()
+                        self._step(b, length)
+                    torch.cuda.current_stream().wait_stream(stream)
+                    self.write_at.zero_()
+                    self.col.zero_()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._step(b, length)
+                    self.graphs[(b, length)] = graph
+            self.write_at.zero_()
+            self.col.zero_()
+            self.seen.zero_()
+        torch.cuda.synchronize()
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        if self.stopping.is_set() or not self.thread.is_alive():
+            raise EngineStopped("the generation engine is not running")
+        if len(request.ids) + STEPS > self.length:
+            raise ValueError(f"a prompt of {len(request.ids)} tokens does not fit the engine's {self.length}-token rows")
+        request.max_new_tokens = max(1, min(request.max_new_tokens, self.length - STEPS - len(request.ids)))
+        self.incoming.put(request)
+        self.wake.set()
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        self.wake.set()
+
+    def stop(self, timeout: float = 10) -> None:
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join(timeout)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while not self.stopping.is_set():
+                try:
+                    self._iteration()
+                except Exception as exc:  # every reply in flight fails with it; the engine goes on
+                    logger.exception("generation step failed")
+                    for request in self.live + self.waiting:
+                        request.out.put(RuntimeError(f"generation failed: {exc}"))
+                    self.live, self.waiting = [], []
+        for request in self.live + self.waiting + _drain(self.incoming):
+            request.out.put(EngineStopped("the generation engine stopped"))
+
+    def _iteration(self) -> None:
+        if not self.live and not self.waiting:
+            self.wake.wait(0.5)
+        self.wake.clear()
+        self.waiting.extend(_drain(self.incoming))
+        self.waiting = [r for r in self.waiting if not r.cancelled]
+        self._release([i for i, r in enumerate(self.live) if r.cancelled])
+        if self.waiting and len(self.live) < self.rows:
+            self._admit()
+        if not self.live:
+            return
+        if self.t + STEPS > self.length:
+            self._shift(min(r_start for r_start in self._starts()))
+        n = len(self.live)
+        b = next(size for size in self.row_buckets if size >= n)
+        length = next(size for size in self.len_buckets if size >= self.t + STEPS)
+        self.col.zero_()
+        graph = self.graphs.get((b, length))
+        for _ in range(STEPS):
+            graph.replay() if graph is not None else self._step(b, length)
+        rows = self.out[:n].tolist()  # waits for the steps
+        self.t += STEPS
+        done = []
+        for i, (request, tokens) in enumerate(zip(self.live, rows)):
+            if not self._deliver(request, tokens):
+                done.append(i)
+        self._release(done)
+
+    def _starts(self) -> list[int]:
+        return self.start[: len(self.live)].tolist()
+
+    def _deliver(self, request: Request, tokens: list[int]) -> bool:
+        """Hand a request its new tokens; False when it has ended (end of sequence, its limit, or cancelled)."""
+        if request.cancelled:
+            return False
+        new, ended = [], False
+        for token in tokens:
+            if token in request.eos:
+                ended = True
+                break
+            new.append(token)
+            request.generated += 1
+            if request.generated >= request.max_new_tokens:
+                ended = True
+                break
+        if new:
+            request.out.put(new)
+        if ended:
+            request.out.put(None)
+        return not ended
+
+    def _release(self, rows: list[int]) -> None:
+        """Free these rows; the last live rows move into the gaps so the live rows stay the first n."""
+        for i in sorted(rows, reverse=True):
+            last = len(self.live) - 1
+            if i != last:
+                self._move(last, i)
+                self.live[i] = self.live[last]
+            self.live.pop()
+
+    def _move(self, src: int, dst: int) -> None:
+        lo = int(self.start[src])
+        for k in self.keys + self.values:
+            k[dst, :, lo : self.t] = k[src, :, lo : self.t]
+        for buf in (self.tokens, self.pos, self.start, self.temperature, self.top_p, self.penalty, self.seen):
+            buf[dst] = buf[src]
+
+    def _shift(self, d: int) -> None:
+        """Move the live rows' positions [lo, t) to [lo - d, t - d) (d < 0 moves them later)."""
+        n = len(self.live)
+        if d == 0:
+            return
+        lo = min(self._starts(), default=self.t) if n else self.t
+        if n and lo < self.t:
+            for k in self.keys + self.values:
+                k[:n, :, lo - d : self.t - d] = k[:n, :, lo : self.t].clone()
+        self.start[:n] -= d
+        self.t -= d
+        self.write_at.fill_(self.t)
+
+    def _admit(self) -> None:
+        import torch
+
+        room = self.rows - len(self.live)
+        batch: list[Request] = []
+        longest = 0
+        for request in self.waiting[:room]:
+            longest_if = max(longest, len(request.ids))
+            if batch and longest_if * (len(batch) + 1) > PREFILL_TOKENS:
+                break
+            batch.append(request)
+            longest = longest_if
+        self.waiting = self.waiting[len(batch):]
+        # The new prompts end at t: make room before t, and move a window that has drifted far back to the start.
+        starts = self._starts()
+        span = self.t - min(starts) if starts else 0
+        target = max(span, longest)
+        if self.t < longest or self.t - target >= MIN_SHIFT or self.t + STEPS > self.length:
+            self._shift(self.t - target)
+        n, k, t, dev = len(self.live), len(batch), self.t, self.device
+        lengths = torch.tensor([len(r.ids) for r in batch], device=dev)
+        ids = torch.tensor([[self.pad_id] * (longest - len(r.ids)) + r.ids for r in batch], device=dev)
+        positions = (torch.arange(longest, device=dev)[None, :] - (longest - lengths)[:, None]).clamp_min(0)
+        query_at = t - longest + torch.arange(longest, device=dev)  # cache index of each prompt position
+        key_at = self.key_index[:t]
+        mask = ((key_at[None, None, :] >= (t - lengths)[:, None, None]) & (key_at[None, None, :] <= query_at[None, :, None])) | (
+            key_at[None, None, :] == query_at[None, :, None]
+        )
+        rows = slice(n, n + k)
+        window = _Window([x[rows, :, :t] for x in self.keys], [x[rows, :, :t] for x in self.values], query_at)
+        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.temperature[rows] = torch.tensor([r.temperature for r in batch], device=dev)
+        self.top_p[rows] = torch.tensor([r.top_p for r in batch], device=dev)
+        self.penalty[rows] = torch.tensor([r.repetition_penalty for r in batch], device=dev)
+        self.seen[rows] = False
+        for j, request in enumerate(batch):
+            self.seen[n + j, request.ids] = True
+        first = sample(logits, self.temperature[rows], self.top_p[rows], self.penalty[rows], self.seen[rows])
+        self.tokens[rows, 0] = first
+        self.pos[rows, 0] = lengths
+        self.start[rows] = t - lengths
+        self.seen[rows].scatter_(1, first[:, None], True)
+        self.live.extend(batch)
+        done = [n + j for j, (request, token) in enumerate(zip(batch, first.tolist())) if not self._deliver(request, [token])]
+        self._release(done)
+
+
+def _drain(q: queue.Queue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
