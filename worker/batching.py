@@ -26,7 +26,7 @@ from shared.models import resolve_model
 from shared.prompts import Message
 from shared.settings import GenerationSettings, Settings
 from worker.backends import Backend, Generation, _context, _pick_device, _tokenizer_source
-from worker.engine import STEPS, EngineStopped, Request, SlotEngine
+from worker.engine import STEPS, EngineStopped, Request, SlotEngine, register_attention
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ class BatchedBackend(Backend):
         adapter = resolve_model(settings.adapter, settings.cache_dir, "adapter") if settings.adapter else None
         device = _pick_device(settings.device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        kwargs: dict[str, object] = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": "sdpa"}
+        attention = "sdpa" if settings.batch_engine == "paged" else register_attention()
+        kwargs: dict[str, object] = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": attention}
         four_bit = settings.load_in_4bit and device.startswith("cuda")
         if four_bit:  # the design card's mode: NF4 base, the adapter kept beside it
             from transformers import BitsAndBytesConfig

@@ -49,6 +49,35 @@ def sample(logits, temperature, top_p, penalty, seen):
     return torch.where(temperature > 0, sampled, greedy)
 
 
+def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention for grouped-query models with a prepared mask, without copying K/V for every query head.
+
+    transformers' `sdpa` repeats K and V to the query heads whenever a mask is given (4x the cache
+    traffic for Llama-3.2-1B); here the query heads of one K/V head become extra query rows instead.
+    Registered with transformers' AttentionInterface as `shallow_grouped_sdpa`.
+    """
+    import torch
+
+    b, heads, q, d = query.shape
+    groups = heads // key.shape[1]
+    if groups > 1:
+        query = query.reshape(b, key.shape[1], groups * q, d)  # head kv*g + r, position i -> row r*q + i
+        if attention_mask is not None and q > 1:
+            attention_mask = attention_mask.repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
+
+
+ATTENTION = "shallow_grouped_sdpa"
+
+
+def register_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, grouped_sdpa)
+    return ATTENTION
+
+
 class _Window:
     """What the attention layers see as `past_key_values`: views of some rows and positions of the cache."""
 
@@ -117,6 +146,10 @@ class SlotEngine:
         self.penalty = torch.ones(rows, dtype=torch.float32, device=dev)
         self.seen = zeros(rows, vocab, dtype=torch.bool)
         self.out, self.col, self.write_at = zeros(rows, STEPS), zeros(1), zeros(1)
+        # the new tokens come back through pinned memory, the wait on an event: it lets go of the
+        # interpreter lock (Tensor.tolist() on a CUDA tensor would hold it while the GPU works)
+        self.out_host = torch.zeros(rows, STEPS, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.ready = torch.cuda.Event() if dev.type == "cuda" else None
         self.key_index = torch.arange(length, device=dev)
         self.row_buckets = _buckets(rows, 1)
         self.len_buckets = _buckets(length, 128)
@@ -239,7 +272,11 @@ class SlotEngine:
         graph = self.graphs.get((b, length))
         for _ in range(STEPS):
             graph.replay() if graph is not None else self._step(b, length)
-        rows = self.out[:n].tolist()  # waits for the steps
+        self.out_host[:n].copy_(self.out[:n], non_blocking=True)
+        if self.ready is not None:
+            self.ready.record()
+            self.ready.synchronize()  # waits for the steps without the interpreter lock
+        rows = self.out_host[:n].tolist()
         self.t += STEPS
         done = []
         for i, (request, tokens) in enumerate(zip(self.live, rows)):

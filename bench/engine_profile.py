@@ -1,0 +1,90 @@
+"""Where the slot engine's decoding step spends its time: ms per step by rows, and the top GPU kernels.
+
+    python -m bench.engine_profile --rows 1,16,64,256 --positions 256
+
+Loads the batched backend as the worker would (SHALLOW_* settings), stops its engine loop, and drives the
+step directly: every row live, `--positions` cache positions attended. On CUDA each figure is the
+captured step replayed 50 times between two CUDA events; `--kernels` adds a torch.profiler table of the
+step run eagerly (the same kernels the graph replays).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from shared.settings import Settings
+    from worker.batching import BatchedBackend
+
+    p = argparse.ArgumentParser(prog="python -m bench.engine_profile")
+    p.add_argument("--rows", default="1,16,64,256")
+    p.add_argument("--positions", type=int, default=256)
+    p.add_argument("--kernels", action="store_true")
+    args = p.parse_args(argv)
+    rows = [int(r) for r in args.rows.split(",")]
+    settings = Settings.from_env()
+    settings = dataclasses.replace(settings, backend="batched", slots=max(rows))
+    t0 = time.perf_counter()
+    backend = BatchedBackend.load(settings)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s: {backend.description}")
+    engine = backend.engine
+    engine.stop()
+    cuda = engine.device.type == "cuda"
+    length = next(size for size in engine.len_buckets if size >= args.positions)
+    with torch.inference_mode():
+        engine.start.zero_()
+        engine.temperature.fill_(0.7)
+        engine.top_p.fill_(0.9)
+        engine.penalty.fill_(1.1)
+        for b in rows:
+            bucket = next(size for size in engine.row_buckets if size >= b)
+            engine.write_at.fill_(length - 60)
+            graph = engine.graphs.get((bucket, length))
+
+            def step() -> None:
+                engine.col.zero_()
+                graph.replay() if graph is not None else engine._step(bucket, length)
+
+            step()
+            reps = 50 if cuda else 5
+            if cuda:
+                torch.cuda.synchronize()
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                engine.write_at.fill_(length - 60)
+                begin.record()
+                for _ in range(reps):
+                    engine.col.zero_()
+                    graph.replay() if graph is not None else engine._step(bucket, length)
+                    engine.write_at.fill_(length - 60)
+                end.record()
+                end.synchronize()
+                ms = begin.elapsed_time(end) / reps
+            else:
+                t = time.perf_counter()
+                for _ in range(reps):
+                    step()
+                    engine.write_at.fill_(length - 60)
+                ms = (time.perf_counter() - t) * 1000 / reps
+            print(f"rows {b:4d} (bucket {bucket}), {length} positions: {ms:.3f} ms/step, {bucket / ms * 1000:,.0f} tok/s if all rows live")
+            if args.kernels:
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                with profile(activities=acts) as prof:
+                    for _ in range(5):
+                        engine.write_at.fill_(length - 60)
+                        engine.col.zero_()
+                        engine._step(bucket, length)
+                    if cuda:
+                        torch.cuda.synchronize()
+                key = "cuda_time_total" if cuda else "cpu_time_total"
+                print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
