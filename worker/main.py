@@ -89,9 +89,23 @@ class SlotWorker(ShallowWorker):
     def _install_signal_handlers(self) -> None:
         pass  # signals are the main thread's; it tells every slot
 
+    def dequeue_job_and_maintain_ttl(self, *args, **kwargs):
+        self._holding_job = False
+        return super().dequeue_job_and_maintain_ttl(*args, **kwargs)
+
+    def reorder_queues(self, reference_queue) -> None:
+        self._holding_job = True  # RQ calls this right after it took a job: that job must run, stopping or not
+        super().reorder_queues(reference_queue)
+
     def heartbeat(self, timeout: int | None = None, pipeline=None):
-        """RQ's idle loop beats between waits for a job: where a stopping slot leaves (within one wait)."""
-        if pipeline is None and self._stop_requested and self.get_state() == WorkerStatus.IDLE:
+        """RQ's idle loop beats between waits for a job: where a stopping slot leaves (within one wait).
+
+        RQ also beats once more after taking a job, before running it; leaving there would strand the job
+        in RQ's intermediate queue until maintenance finds it (a reply ~60 s late), so a slot that holds
+        a job runs it first.
+        """
+        if (pipeline is None and self._stop_requested and not getattr(self, "_holding_job", False)
+                and self.get_state() == WorkerStatus.IDLE):
             raise StopRequested()
         return super().heartbeat(timeout, pipeline)
 

@@ -75,8 +75,14 @@ def test_one_process_serves_several_channels_at_once_each_job_on_its_own(env, pr
     last = client.chat("console:last", "Name a colour.", max_new_tokens=40, ignore_eos=True)
     wait_for(lambda: any(isinstance(e, Chunk) for e in events_of(client, last.job_id)), 120, "the last reply to start")
     proc.send_signal(signal.SIGTERM)
+    # a turn sent just then is taken by a slot still waiting for work: it must be written, not stranded
+    # in RQ's intermediate queue (a slot used to leave right after taking it; the reply came a minute later)
+    late = client.chat("console:late", "Name a fruit.", max_new_tokens=8, ignore_eos=True)
     events = list(client.follow(last.job_id, timeout=120, poll=0.2))
     assert isinstance(events[-1], Done) and events[-1].completion_tokens == 40
+    late_events = list(client.follow(late.job_id, timeout=30, poll=0.2))
+    assert isinstance(late_events[-1], Done) and late_events[-1].completion_tokens == 8
+    assert [e.attempt for e in events_of(client, late.job_id) if isinstance(e, Start)] == [1]
     proc.wait(60)
     assert proc.returncode == 0
     assert not {w.name for w in Worker.all(connection=client.r)} & slots
