@@ -75,7 +75,8 @@ PY
       echo "SIGTERM to the GPU-1 worker, pid $victim, at $(date +%T)"; kill -TERM "$victim"
       wait $bpid; echo "bench exit $?"; tail -4 "$out/sigterm-bench.log"
       python -m bench.served_once | tee "$out/served-once.json"
-      grep -E "stopping|stopped|exited|restarting|finish" "$out/two-workers.log" | head -20
+      for _ in $(seq 60); do kill -0 "$victim" 2>/dev/null || break; sleep 1; done
+      grep -E "exited|restarting" "$out/two-workers.log" | head -5 || true
       kill -TERM $wpid; wait $wpid; kill $rpid; wait $rpid 2>/dev/null || true
       unset REDIS_URL ;;
     *) echo "unknown stage $stage"; exit 2 ;;
