@@ -352,6 +352,9 @@ class SlotEngine:
             batch.append(request)
             longest = longest_if
         self.waiting = self.waiting[len(batch):]
+        # Shapes from a small set (prompt length a multiple of 16, key length a bucket): attention kernels
+        # that plan per shape (cuDNN's) are planned once per shape, not for every new position t.
+        longest = min(-(-longest // 16) * 16, self.length - STEPS)
         # The new prompts end at t: make room before t, and move a window that has drifted far back to the start.
         starts = self._starts()
         span = self.t - min(starts) if starts else 0
@@ -363,12 +366,13 @@ class SlotEngine:
         ids = torch.tensor([[self.pad_id] * (longest - len(r.ids)) + r.ids for r in batch], device=dev)
         positions = (torch.arange(longest, device=dev)[None, :] - (longest - lengths)[:, None]).clamp_min(0)
         query_at = t - longest + torch.arange(longest, device=dev)  # cache index of each prompt position
-        key_at = self.key_index[:t]
+        keys = next(size for size in self.len_buckets if size >= t)
+        key_at = self.key_index[:keys]  # positions from t on are masked for every prompt position
         mask = ((key_at[None, None, :] >= (t - lengths)[:, None, None]) & (key_at[None, None, :] <= query_at[None, :, None])) | (
             key_at[None, None, :] == query_at[None, :, None]
         )
         rows = slice(n, n + k)
-        window = _Window([x[rows, :, :t] for x in self.keys], [x[rows, :, :t] for x in self.values], query_at)
+        window = _Window([x[rows, :, :keys] for x in self.keys], [x[rows, :, :keys] for x in self.values], query_at)
         logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
                             use_cache=True, logits_to_keep=1).logits[:, -1]
         self.temperature[rows] = torch.tensor([r.temperature for r in batch], device=dev)
