@@ -33,6 +33,7 @@ def test_settings_come_from_the_environment(monkeypatch):
     "name, value, message",
     [
         ("SHALLOW_BACKEND", "tpu", "SHALLOW_BACKEND"),
+        ("SHALLOW_BATCH_ENGINE", "vllm", "SHALLOW_BATCH_ENGINE must be slots or paged"),
         ("SHALLOW_MAX_NEW_TOKENS", "many", "whole number"),
         ("SHALLOW_MAX_NEW_TOKENS", "0", "at least 1"),
         ("SHALLOW_TEMPERATURE", "-1", "at least 0"),

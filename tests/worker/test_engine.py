@@ -120,3 +120,24 @@ def test_sampling_rules():
     wide = sample(logits.repeat(200, 1)[:200], torch.full((200,), 1.0), torch.ones(200), torch.ones(200),
                   torch.zeros(200, 4, dtype=torch.bool))
     assert set(wide.tolist()) >= {0, 1, 2}  # a real draw: more than the best token comes up
+
+
+def test_the_paged_engine_still_answers(model_dir):
+    from worker.backends import load_backend
+
+    settings = dataclasses.replace(Settings.from_env(), base_model=model_dir, adapter=None, backend="batched",
+                                   batch_engine="paged", slots=2, context_tokens=512)
+    backend = load_backend(settings)
+    try:
+        assert "paged engine" in backend.description
+        gens = [backend.stream(p, settings.generation, max_new_tokens=10, ignore_eos=True) for p in PROMPTS[:2]]
+        texts: list[str] = [""] * 2
+        threads = [threading.Thread(target=lambda i=i: texts.__setitem__(i, "".join(gens[i]))) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert all(t.strip() for t in texts)
+        assert [g.completion_tokens for g in gens] == [10, 10] and all(g.finish_reason == "length" for g in gens)
+    finally:
+        backend.close()
