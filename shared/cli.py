@@ -101,9 +101,13 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging("WARNING")
+    if args.rest[:1] == ["train"]:
+        from bench.train import main as train_main
+
+        return train_main(args.rest[1:])
     from bench.serve import main
 
-    configure_logging("WARNING")
     return main(args.rest, settings)
 
 

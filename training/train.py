@@ -99,6 +99,12 @@ class TrainConfig:
     eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: every epoch)"})
     early_stopping_patience: int | None = field(default=None, metadata={"help": "stop after N evaluations without improvement"})
     merge_16bit: bool = field(default=False, metadata={"help": "also write merged 16-bit weights to OUTPUT/merged"})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "pack conversations into rows of max-seq-length tokens, padding-free (trl's best-fit packing); "
+                          "no padding computed, each conversation still attends only to itself"},
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "processes that prepare (tokenize, pack) the data"})
 
 
 def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: str = "shallow train"):
@@ -302,6 +308,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         assistant_only_loss=not unsloth,
         dataset_text_field="text",
         include_num_input_tokens_seen="non_padding",
+        packing=cfg.packing,
+        dataset_num_proc=cfg.dataset_num_proc,
         report_to="none",
         disable_tqdm=False,
     )
@@ -355,6 +363,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "wall_seconds": round(time.time() - started, 1),
         "train_seconds_this_process": round(train_seconds, 1),
         "tokens_per_second": round((tokens - resumed_tokens) / train_seconds, 1) if train_seconds > 0 else None,
+        "peak_memory_bytes": _peak_memory(),
+        "peak_memory_kind": "cuda max allocated" if torch.cuda.is_available() else "process max resident set",
         "best_eval_loss": keeper.best,
         "stopped_early": keeper.stopped,
         "adapter": str(out / "adapter"),
@@ -363,6 +373,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     print(f"shallow train: adapter in {out / 'adapter'} ({trainer.state.global_step} steps, "
           f"{record['tokens_per_second']} tokens/s); SHALLOW_ADAPTER={out / 'adapter'} serves it", flush=True)
     return record
+
+
+def _peak_memory() -> int:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def _merge(model, tokenizer, path: Path, unsloth: bool) -> None:

@@ -1,0 +1,158 @@
+"""`shallow bench train`: how fast this box fine-tunes, and whether the fast settings learn the same.
+
+Trains on FineTome-shaped data (`training/synthetic.py`: 1-3 exchanges, mostly 200-1,500 tokens, or
+`--data FILE`) once per preset, each in a `shallow train` process of its own, and reports real tokens
+per second (padding not counted), peak memory, the loss at the end, and, when both presets ran over
+the same examples, how far apart their loss curves are (compared at the same share of the tokens
+seen; linear interpolation between logged steps).
+
+Presets:
+  recipe  the lab's settings: micro-batch 2 x accumulation 4 (8 conversations an optimizer step), padded
+  fast    trl's best-fit packing, padding-free, into rows of --max-seq-length tokens; as many rows a
+          step as carry about the recipe's tokens per step (measured by the recipe run when it ran
+          first), no accumulation
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE_SEQUENCES = 8  # 2 x 4: the lab's conversations per optimizer step
+
+
+def conversation_tokens(data: Path, base: str) -> list[int]:
+    """Each conversation's length in tokens under the model's chat template (what a padded row holds)."""
+    from transformers import AutoTokenizer
+
+    from training.data import load_conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    rows = load_conversations(str(data))
+    return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
+
+
+def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
+    if name == "recipe":
+        return ["--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "4"]
+    if name == "fast":
+        rows = max(1, round(RECIPE_SEQUENCES * mean_tokens / max_len))
+        return ["--packing", "true", "--per-device-train-batch-size", str(rows), "--gradient-accumulation-steps", "1"]
+    raise SystemExit(f"shallow bench train: unknown preset {name!r} (recipe, fast)")
+
+
+def curve(history: list[dict]) -> list[tuple[float, float]]:
+    """(tokens seen, loss) at each logged training step."""
+    points = [(float(h["num_input_tokens_seen"]), float(h["loss"])) for h in history
+              if "loss" in h and "num_input_tokens_seen" in h]
+    return points
+
+
+def curve_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], grid: int = 20) -> dict[str, float]:
+    """Mean and largest |loss_a - loss_b| at the same shares of each run's tokens (over the shared span)."""
+
+    def at(points: list[tuple[float, float]], share: float) -> float:
+        total = points[-1][0]
+        x = share * total
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if x0 <= x <= x1:
+                return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return points[0][1] if x < points[0][0] else points[-1][1]
+
+    start = max(a[0][0] / a[-1][0], b[0][0] / b[-1][0])
+    shares = [start + (1 - start) * i / (grid - 1) for i in range(grid)]
+    gaps = [abs(at(a, s) - at(b, s)) for s in shares]
+    return {"mean_abs_gap": round(sum(gaps) / len(gaps), 4), "max_abs_gap": round(max(gaps), 4),
+            "final_gap": round(abs(a[-1][1] - b[-1][1]), 4), "from_share": round(start, 3)}
+
+
+def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_tokens: float) -> dict:
+    run_dir = out / name
+    cmd = [sys.executable, "-m", "shared.cli", "train", "--base-model", args.base_model, "--dataset", str(data),
+           "--output-dir", str(run_dir), "--no-resume", "--max-seq-length", str(args.max_seq_length),
+           "--save-steps", "100000", "--logging-steps", "1", "--seed", str(args.seed),
+           *preset_args(name, args.max_seq_length, mean_tokens), *args.train_args]
+    if args.steps:
+        cmd += ["--max-steps", str(args.steps)]
+    else:
+        cmd += ["--num-train-epochs", str(args.epochs)]
+    print(f"bench train: {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"shallow bench train: the {name} run failed:\n{proc.stderr[-3000:]}")
+    record = json.loads((run_dir / "run.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text())
+    points = curve(history)
+    return {
+        "preset": name,
+        "settings": " ".join(preset_args(name, args.max_seq_length, mean_tokens)),
+        "backend": record["backend"],
+        "steps": record["global_step"],
+        "real_tokens": record["train_tokens"],
+        "train_seconds": record["train_seconds_this_process"],
+        "tokens_per_second": record["tokens_per_second"],
+        "peak_memory_gib": round(record["peak_memory_bytes"] / 2**30, 2),
+        "peak_memory_kind": record["peak_memory_kind"],
+        "final_loss": points[-1][1] if points else None,
+        "curve": points,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = "| preset | settings | steps | real tokens | tok/s | peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|"
+    lines = [f"| {r['preset']} | {r['settings']} | {r['steps']} | {r['real_tokens']:,} | {r['tokens_per_second']:,} | "
+             f"{r['peak_memory_gib']} ({r['peak_memory_kind']}) | {r['final_loss']:.4f} |" for r in rows]
+    return "\n".join([head, *lines])
+
+
+def main(argv: list[str]) -> int:
+    from shared.models import resolve_model
+    from shared.settings import OFFLINE_BASE_MODEL, Settings
+
+    p = argparse.ArgumentParser(prog="shallow bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-model", default=OFFLINE_BASE_MODEL, help="as for shallow train (default: the offline SmolLM2)")
+    p.add_argument("--data", type=Path, help="a .jsonl of conversations (default: FineTome-shaped synthetic data)")
+    p.add_argument("--examples", type=int, default=64, help="synthetic conversations to write (default 64)")
+    p.add_argument("--max-seq-length", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per preset (default: --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--presets", default="recipe,fast")
+    p.add_argument("--seed", type=int, default=3407)
+    p.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: more `shallow train` flags for every preset")
+    args = p.parse_args(argv)
+    args.train_args = [a for a in args.train_args if a != "--"]
+    args.base_model = resolve_model(args.base_model, Settings.from_env().cache_dir, "base model")
+    with tempfile.TemporaryDirectory(prefix="shallow-bench-train-") as tmp:
+        out = args.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        data = args.data
+        if data is None:
+            from training.synthetic import write_finetome_like
+
+            data = write_finetome_like(out / "finetome-like.jsonl", args.examples, seed=args.seed)
+        lengths = conversation_tokens(data, args.base_model)
+        mean_tokens = sum(min(n, args.max_seq_length) for n in lengths) / len(lengths)
+        print(f"bench train: {len(lengths)} conversations, {mean_tokens:.0f} tokens on average", file=sys.stderr, flush=True)
+        rows = []
+        for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
+            if rows and rows[0]["preset"] == "recipe":  # what a conversation really holds, as trained (no padding)
+                recipe = rows[0]
+                mean_tokens = recipe["real_tokens"] / min(recipe["steps"] * RECIPE_SEQUENCES, len(lengths) * args.epochs)
+            rows.append(run_preset(name, args, data, out, mean_tokens))
+    result: dict = {"conversations": len(lengths), "mean_tokens": round(mean_tokens, 1), "runs": rows}
+    print(table(rows))
+    if len(rows) == 2 and rows[0]["curve"] and rows[1]["curve"]:
+        result["loss_gap"] = curve_gap(rows[0]["curve"], rows[1]["curve"])
+        print(f"loss curves, {rows[0]['preset']} vs {rows[1]['preset']}, at the same share of tokens seen: {result['loss_gap']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
