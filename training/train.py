@@ -307,7 +307,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         max_length=cfg.max_seq_length,
         assistant_only_loss=not unsloth,
         dataset_text_field="text",
-        include_num_input_tokens_seen="non_padding",
+        # padding-free batches have no padding and no attention mask, and "non_padding" would then skip every
+        # token equal to the pad id (the end-of-turn token of models that pad with it): count them all
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
         packing=cfg.packing,
         dataset_num_proc=cfg.dataset_num_proc,
         report_to="none",
