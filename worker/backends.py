@@ -161,6 +161,15 @@ class Backend:
         return generation
 
 
+def nf4_config():
+    """The design card's 4-bit base: NF4 with double quantisation, bf16 compute (bitsandbytes, CUDA only)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_use_double_quant=True)
+
+
 def _pick_device(requested: str) -> str:
     import torch
 
@@ -198,14 +207,7 @@ class TransformersBackend(Backend):
         if device.startswith("cuda"):
             kwargs["device_map"] = {"": device}
             if settings.load_in_4bit:
-                from transformers import BitsAndBytesConfig
-
-                kwargs["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_compute_dtype=torch.bfloat16,
-                    bnb_4bit_use_double_quant=True,
-                )
+                kwargs["quantization_config"] = nf4_config()
             kwargs["dtype"] = torch.bfloat16
         else:
             kwargs["dtype"] = torch.float32  # bf16 matmuls are slower than fp32 on most CPUs

@@ -25,8 +25,8 @@ from shared.errors import ConfigError, ModelNotFound
 from shared.models import resolve_model
 from shared.prompts import Message
 from shared.settings import GenerationSettings, Settings
-from worker.backends import Backend, Generation, _context, _pick_device, _tokenizer_source
-from worker.engine import STEPS, EngineStopped, Request, SlotEngine, register_attention
+from worker.backends import Backend, Generation, _context, _pick_device, _tokenizer_source, nf4_config
+from worker.engine import STEPS, EngineStopped, Request, SlotEngine, kv_shape, register_attention
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +151,7 @@ class BatchedBackend(Backend):
         kwargs: dict[str, object] = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": attention}
         four_bit = settings.load_in_4bit and device.startswith("cuda")
         if four_bit:  # the design card's mode: NF4 base, the adapter kept beside it
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                bnb_4bit_use_double_quant=True)
+            kwargs["quantization_config"] = nf4_config()
         try:
             tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(base, adapter))
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
@@ -184,7 +180,8 @@ class BatchedBackend(Backend):
             how = "paged engine"
         else:
             length = context + STEPS
-            per_row = _kv_bytes_per_token(model) * length
+            layers, heads, head_dim = kv_shape(model.config)
+            per_row = 2 * layers * heads * head_dim * model.dtype.itemsize * length
             if device.startswith("cuda"):
                 free, _ = torch.cuda.mem_get_info(torch.device(device))
                 if per_row * slots > 0.8 * free:
@@ -275,9 +272,3 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return frozenset(int(i) for i in ids if i is not None)
-
-
-def _kv_bytes_per_token(model) -> int:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize

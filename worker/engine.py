@@ -113,6 +113,12 @@ class EngineStopped(RuntimeError):
     pass
 
 
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, K/V heads, head size) of a transformers model config: what one cached token holds, twice (K and V)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+
+
 def _buckets(limit: int, first: int) -> list[int]:
     sizes, size = [], first
     while size < limit:
@@ -132,8 +138,7 @@ class SlotEngine:
         self.forward = torch.compile(model, dynamic=True) if compile else model
         self.device = model.device
         dtype = model.dtype
-        layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers, heads, head_dim = kv_shape(cfg)
         vocab = model.get_output_embeddings().weight.shape[0]
         dev = self.device
 
