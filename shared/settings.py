@@ -87,7 +87,8 @@ class Settings:
     queue: str = "shallow"  # the RQ queue that bots fill and workers drain
     base_model: str = OFFLINE_BASE_MODEL
     adapter: str | None = None  # a LoRA adapter folder or hub id, on top of base_model
-    backend: str = "auto"  # auto | transformers | unsloth | batched
+    backend: str = "auto"  # auto | transformers | unsloth | batched | llamacpp
+    gguf: str | None = None  # a GGUF file (shallow export gguf) for the llamacpp backend; auto picks it without CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     load_in_4bit: bool = True  # on CUDA only; the design card's 4-bit base
     context_tokens: int = 0  # 0: the model's own context length, capped at 8192
@@ -113,8 +114,8 @@ class Settings:
     def from_env(cls) -> Settings:
         home = _home()
         backend = _env("SHALLOW_BACKEND", cls.backend).lower()
-        if backend not in ("auto", "transformers", "unsloth", "batched"):
-            raise ConfigError(f"SHALLOW_BACKEND must be auto, transformers, unsloth or batched, got {backend!r}")
+        if backend not in ("auto", "transformers", "unsloth", "batched", "llamacpp"):
+            raise ConfigError(f"SHALLOW_BACKEND must be auto, transformers, unsloth, batched or llamacpp, got {backend!r}")
         adapter = _env("SHALLOW_ADAPTER", "")
         batch_engine = _env("SHALLOW_BATCH_ENGINE", cls.batch_engine).lower()
         if batch_engine not in ("slots", "paged"):
@@ -125,6 +126,7 @@ class Settings:
             base_model=_env("SHALLOW_BASE_MODEL", cls.base_model),
             adapter=adapter or None,
             backend=backend,
+            gguf=_env("SHALLOW_GGUF", "") or None,
             device=_env("SHALLOW_DEVICE", cls.device),
             load_in_4bit=_env("SHALLOW_LOAD_IN_4BIT", "1").lower() not in ("0", "false", "no"),
             context_tokens=_int("SHALLOW_CONTEXT_TOKENS", cls.context_tokens),

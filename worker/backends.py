@@ -1,8 +1,10 @@
 """Generation backends behind one small interface: count a prompt's tokens, stream a reply.
 
 `transformers` runs anywhere (CPU, or CUDA with a 4-bit base through bitsandbytes, adapter through
-peft); `unsloth` runs on CUDA (FastLanguageModel in 4-bit, `for_inference`). `auto` picks unsloth when
-CUDA and unsloth are both there. unsloth and bitsandbytes are imported only on that path.
+peft); `unsloth` runs on CUDA (FastLanguageModel in 4-bit, `for_inference`); `batched` many replies at
+once (worker/batching.py); `llamacpp` a GGUF file on the CPU (worker/llamacpp.py). `auto` picks unsloth
+when CUDA and unsloth are both there, llamacpp on a machine without CUDA when SHALLOW_GGUF is set, else
+transformers. unsloth and bitsandbytes are imported only on that path.
 """
 from __future__ import annotations
 
@@ -293,15 +295,36 @@ def unsloth_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None
 
 
+def pick_backend(settings: Settings) -> str:
+    """SHALLOW_BACKEND, or for `auto`: unsloth on CUDA, llama.cpp without CUDA when a GGUF is configured, else transformers."""
+    if settings.backend != "auto":
+        return settings.backend
+    if unsloth_available():
+        return "unsloth"
+    if settings.gguf:
+        import torch
+
+        from worker.llamacpp import llama_cpp_available
+
+        if not torch.cuda.is_available():
+            if llama_cpp_available():
+                return "llamacpp"
+            logger.warning("SHALLOW_GGUF is set but llama-cpp-python is not installed (./scripts/setup --with-llamacpp): "
+                           "serving SHALLOW_BASE_MODEL with transformers")
+    return "transformers"
+
+
 def load_backend(settings: Settings) -> Backend:
     """The backend that SHALLOW_BACKEND names, loaded once; `auto` takes unsloth when it can."""
-    choice = settings.backend
-    if choice == "auto":
-        choice = "unsloth" if unsloth_available() else "transformers"
-    if choice == "batched":
+    choice = pick_backend(settings)
+    if choice == "llamacpp":
+        from worker.llamacpp import LlamaCppBackend
+
+        backend: Backend = LlamaCppBackend.load(settings)
+    elif choice == "batched":
         from worker.batching import BatchedBackend
 
-        backend: Backend = BatchedBackend.load(settings)
+        backend = BatchedBackend.load(settings)
     else:
         backend = (UnslothBackend if choice == "unsloth" else TransformersBackend).load(settings)
     logger.info("loaded %s backend: %s (context %d tokens)", backend.name, backend.description, backend.context_tokens)

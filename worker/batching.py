@@ -210,18 +210,14 @@ class BatchedBackend(Backend):
         ignore_eos: bool = False,
     ) -> Generation:
         """Add one request to the shared batch; the Generation yields its text as its tokens arrive."""
-        import torch
-        from transformers import TextIteratorStreamer
-
         ids = self.encode(messages, continue_final=continue_final)
         generation = Generation(pieces=iter(()), prompt_tokens=len(ids))
         engine = self.engine
         request = Request(ids=ids, max_new_tokens=max_new_tokens, eos=frozenset() if ignore_eos else self.eos,
                           temperature=gen.temperature, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
-        tokenizer = self.tokenizer
+        decode = _incremental_decoder(self.tokenizer)
 
         def pieces() -> Iterator[str]:
-            streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
             engine.submit(request)
             count = 0
             text = ""
@@ -234,21 +230,15 @@ class BatchedBackend(Backend):
                         item = False
                     if isinstance(item, BaseException):
                         raise item
-                    if item is None or isinstance(item, list):
-                        if item:
-                            count += len(item)
-                            streamer.put(torch.tensor(item))
-                        else:
-                            finished = True
-                            streamer.end()
-                        while not streamer.text_queue.empty():
-                            piece = streamer.text_queue.get_nowait()
-                            if piece is streamer.stop_signal or not piece:
-                                continue
+                    if item is None:
+                        finished = True
+                        break
+                    if item:  # the tokens of one engine step or more: one piece of text for all of them
+                        count += len(item)
+                        piece = decode(item)
+                        if piece:
                             text += piece
                             yield piece
-                        if finished:
-                            break
                         if stop_at_newline and text.strip() and "\n" in text.lstrip():
                             generation.finish_reason = "stop"
                             break
@@ -264,6 +254,37 @@ class BatchedBackend(Backend):
 
         generation.pieces = pieces()
         return generation
+
+
+def _incremental_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """A function from a reply's next tokens to its next text: tokenizers' DecodeStream, O(1) a token.
+
+    (transformers' TextIteratorStreamer decodes the whole reply so far at every step: at hundreds of
+    replies at once, that decoding took the interpreter lock that the engine needs.) Special tokens are
+    skipped, and a token that ends inside a character waits for the rest of it, as the streamer does.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
+
+        def step(tokens: list[int]) -> str:
+            return "".join(p for p in (stream.step(backend, t) for t in tokens) if p)
+
+        return step
+    seen: list[int] = []  # a tokenizer without the fast backend: decode it all and send what is new
+    sent = [0]
+
+    def whole(tokens: list[int]) -> str:
+        seen.extend(tokens)
+        text = tokenizer.decode(seen, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character cut in two: wait for its other bytes
+            return ""
+        new, sent[0] = text[sent[0]:], len(text)
+        return new
+
+    return whole
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

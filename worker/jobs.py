@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -52,8 +53,126 @@ logger = logging.getLogger(__name__)
 
 FORCED_CHOICES = 3  # when the model writes none itself: three, one line each
 CHUNK_INTERVAL = 0.03  # seconds between a reply's chunk writes (the first goes at once)
+CANCEL_INTERVAL = 0.25  # seconds between reads of the cancel flags of the replies being written
 CHOICE_TRIES = 3  # a choice that comes out empty (or letterless) is asked for again, sampled
 RETRY_TEMPERATURE = 0.8  # greedy decoding would only repeat the empty choice
+
+
+class StreamWriter:
+    """Writes the chunks of every reply this process is streaming, all in one Redis pipeline per interval.
+
+    A reply's text goes out at most every CHUNK_INTERVAL (its first piece at once). Written by each job
+    for itself, that is one round trip per reply per interval: ~8,500 a second at 256 replies at once,
+    each taking the interpreter lock that the model's loop needs too. Here one thread writes whatever
+    every reply has pending in one pipeline, and reads all their cancel flags in the same round trip.
+
+    Order per stream is kept: a job emits its start event itself before its first chunk, and calls
+    `flush` (which returns once all its chunks are in Redis) before its error or done event. A failed
+    write is raised in the job on its next `add` or `flush`, so the job fails and RQ retries it.
+    """
+
+    def __init__(self, connection: redis.Redis, maxlen: int, ttl: int, interval: float = CHUNK_INTERVAL,
+                 cancel_interval: float = CANCEL_INTERVAL) -> None:
+        self.r = connection
+        self.maxlen = maxlen
+        self.ttl = ttl
+        self.interval = interval
+        self.cancel_interval = cancel_interval
+        self.cond = threading.Condition()
+        self.pending: dict[str, tuple[list[str], int]] = {}  # stream key -> (text pieces, attempt)
+        self.watched: dict[str, str] = {}  # stream key -> its cancel key, for every reply being written
+        self.sent_first: set[str] = set()
+        self.cancelled: set[str] = set()
+        self.errors: dict[str, BaseException] = {}
+        self.inflight: set[str] = set()  # streams of the batch being written now
+        self.urgent = False
+        self.thread: threading.Thread | None = None
+
+    def open(self, key: str, cancel: str) -> None:
+        with self.cond:
+            self.watched[key] = cancel
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
+                self.thread.start()
+
+    def close(self, key: str) -> None:
+        with self.cond:
+            self.watched.pop(key, None)
+            self.pending.pop(key, None)
+            self.sent_first.discard(key)
+            self.cancelled.discard(key)
+            self.errors.pop(key, None)
+
+    def add(self, key: str, text: str, attempt: int) -> None:
+        with self.cond:
+            self._raise(key)
+            pieces, _ = self.pending.setdefault(key, ([], attempt))
+            pieces.append(text)
+            if key not in self.sent_first:  # the first words go at once: they are the time to first token
+                self.sent_first.add(key)
+                self.urgent = True
+                self.cond.notify_all()
+
+    def flush(self, key: str) -> None:
+        """Return once every piece added so far is in Redis (raise if writing them failed)."""
+        with self.cond:
+            if key in self.pending or key in self.inflight:
+                self.urgent = True
+                self.cond.notify_all()
+                self.cond.wait_for(lambda: key not in self.pending and key not in self.inflight)
+            self._raise(key)
+
+    def is_cancelled(self, key: str) -> bool:
+        return key in self.cancelled
+
+    def _raise(self, key: str) -> None:
+        exc = self.errors.pop(key, None)
+        if exc is not None:
+            raise exc
+
+    def _run(self) -> None:
+        last_check = last_warning = 0.0
+        while True:
+            with self.cond:
+                if not self.urgent:
+                    self.cond.wait(self.interval)
+                self.urgent = False
+                batch, self.pending = self.pending, {}
+                self.inflight = set(batch)
+                now = time.monotonic()
+                watched = list(self.watched.items()) if now - last_check >= self.cancel_interval else []
+            if watched:
+                last_check = now
+            try:
+                if batch or watched:
+                    with self.r.pipeline(transaction=False) as p:
+                        for key, (pieces, attempt) in batch.items():
+                            event = encode_event(Chunk(text="".join(pieces), attempt=attempt))
+                            p.xadd(key, {EVENT_FIELD: event}, maxlen=self.maxlen, approximate=True)
+                            p.expire(key, self.ttl)
+                        for _, cancel in watched:
+                            p.exists(cancel)
+                        results = p.execute(raise_on_error=False)  # one stream's error is that stream's alone
+                    flags = results[2 * len(batch):]
+                    with self.cond:
+                        for i, key in enumerate(batch):
+                            failed = next((x for x in results[2 * i:2 * i + 2] if isinstance(x, Exception)), None)
+                            if failed is not None and key in self.watched:
+                                self.errors[key] = failed
+                        for (key, _), flag in zip(watched, flags):
+                            if flag and not isinstance(flag, Exception) and key in self.watched:
+                                self.cancelled.add(key)
+            except Exception as exc:  # noqa: BLE001 - handed to the jobs whose chunks were not written
+                if time.monotonic() - last_warning > 1:
+                    last_warning = time.monotonic()
+                    logger.warning("writing %d reply streams to Redis failed: %s", len(batch), exc)
+                with self.cond:
+                    for key in batch:
+                        if key in self.watched:
+                            self.errors[key] = exc
+            with self.cond:
+                self.inflight = set()
+                self.cond.notify_all()
 
 
 @dataclass
@@ -65,6 +184,11 @@ class Runtime:
     connection: redis.Redis
     store: SessionStore
     name: str = socket.gethostname()
+    writer: StreamWriter | None = None
+
+    def __post_init__(self) -> None:
+        if self.writer is None:
+            self.writer = StreamWriter(self.connection, self.settings.stream_maxlen, self.settings.stream_ttl)
 
 
 _runtime: Runtime | None = None
@@ -90,15 +214,31 @@ class Stream:
         self.cancel = cancel_key(job_id)
         self.ttl = rt.settings.stream_ttl
         self.maxlen = rt.settings.stream_maxlen
+        self.writer = rt.writer
 
     def emit(self, event: Event) -> None:
+        """Write one event now, after every chunk given to `chunk` so far."""
+        self.writer.flush(self.key)
         with self.r.pipeline(transaction=False) as p:
             p.xadd(self.key, {EVENT_FIELD: encode_event(event)}, maxlen=self.maxlen, approximate=True)
             p.expire(self.key, self.ttl)
             p.execute()
 
+    def open(self) -> None:
+        self.writer.open(self.key, self.cancel)
+
+    def close(self) -> None:
+        self.writer.close(self.key)
+
+    def chunk(self, text: str, attempt: int) -> None:
+        """Text for the stream; the process's writer sends it with the next batch (the first at once)."""
+        self.writer.add(self.key, text, attempt)
+
+    def flush(self) -> None:
+        self.writer.flush(self.key)
+
     def cancelled(self) -> bool:
-        return bool(self.r.exists(self.cancel))
+        return self.writer.is_cancelled(self.key)
 
 
 def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
@@ -123,14 +263,18 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
     stream.emit(Start(attempt=attempt, worker=job.worker_name if job and job.worker_name else rt.name))
     logger.info("job %s: %s turn in %s (attempt %d)", req.job_id, req.mode.value, req.channel, attempt)
     started = time.monotonic()
+    stream.open()
     try:
         done = _generate(rt, req, stream, attempt)
+        stream.flush()  # every chunk is in the stream before the done event
     except Exception:
         logger.exception("job %s: generation failed (attempt %d)", req.job_id, attempt)
         if final_attempt:
             stream.emit(Error(code="model_error", message="The model failed to write this reply. Please try again."))
             rt.store.release_turn(req.channel, req.job_id)
         raise  # RQ retries it while retries are left
+    finally:
+        stream.close()
     committed = rt.store.commit_reply(
         channel=req.channel,
         mode=req.mode,
@@ -167,35 +311,22 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int) -> Do
     messages = fit_messages(system, history, text, backend.count_tokens, budget)
 
     parts: list[str] = []  # every chunk streamed, so the final text is exactly what followers saw
-    last_cancel_check = 0.0
 
     def should_stop() -> bool:
-        nonlocal last_cancel_check
-        now = time.monotonic()
-        if now - last_cancel_check < 0.25:  # one Redis round trip every quarter second at most
-            return False
-        last_cancel_check = now
-        return stream.cancelled()
+        return stream.cancelled()  # read for all replies at once by the process's stream writer
 
-    unsent: list[str] = []
-    last_send = 0.0
     pipeline_seconds = 0.0  # time spent streaming to Redis, told apart from the model's time
 
     def send() -> None:
-        if unsent:
-            stream.emit(Chunk(text="".join(unsent), attempt=attempt))
-            unsent.clear()
+        nonlocal pipeline_seconds
+        now = time.monotonic()
+        stream.flush()
+        pipeline_seconds += time.monotonic() - now
 
     def emit(piece: str) -> None:
-        """Pieces go out at once, then at most every CHUNK_INTERVAL: fewer Redis writes at high speed."""
-        nonlocal last_send, pipeline_seconds
+        """Pieces go to the process's stream writer: the first at once, then batched every CHUNK_INTERVAL."""
         parts.append(piece)
-        unsent.append(piece)
-        now = time.monotonic()
-        if now - last_send >= CHUNK_INTERVAL:
-            send()
-            last_send = time.monotonic()
-            pipeline_seconds += last_send - now
+        stream.chunk(piece, attempt)
 
     started = time.monotonic()
     gen = backend.stream(messages, s.generation, max_new_tokens=max_new, should_stop=should_stop, ignore_eos=req.ignore_eos)

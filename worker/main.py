@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
+import sys
 import threading
 
 from rq import Queue, SimpleWorker
@@ -26,6 +28,8 @@ from worker import jobs
 from worker.backends import load_backend
 
 logger = logging.getLogger(__name__)
+
+SWITCH_INTERVAL = 0.001  # seconds a thread may hold the interpreter lock while others wait (Python's default: 0.005)
 
 
 class ShallowWorker(SimpleWorker):
@@ -86,12 +90,25 @@ class SlotWorker(ShallowWorker):
 
     death_penalty_class = TimerDeathPenalty
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._wait = round(random.uniform(2.0, 6.0), 3)
+
     def _install_signal_handlers(self) -> None:
         pass  # signals are the main thread's; it tells every slot
 
-    def dequeue_job_and_maintain_ttl(self, *args, **kwargs):
+    def dequeue_job_and_maintain_ttl(self, timeout, *args, **kwargs):
+        """Wait for a job as RQ does, but each slot with a wait of its own length (2 to 6 s).
+
+        Redis hands a new job to the client that has waited longest. Slots that all time out and wait
+        again together queue up process by process, so with two worker processes every job went to the
+        slots of one of them until it had taken 256: at 16 or 64 channels the second GPU stood idle
+        (measured, issue 11). Waits of different lengths interleave the processes in that line.
+        """
         self._holding_job = False
-        return super().dequeue_job_and_maintain_ttl(*args, **kwargs)
+        if timeout is not None:
+            timeout = self._wait
+        return super().dequeue_job_and_maintain_ttl(timeout, *args, **kwargs)
 
     def reorder_queues(self, reference_queue) -> None:
         self._holding_job = True  # RQ calls this right after it took a job: that job must run, stopping or not
@@ -193,6 +210,10 @@ def run_slots(settings: Settings, connection, backend, store: SessionStore, *, b
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Hundreds of threads share one interpreter lock here. A thread back from Redis (or the engine back
+    # from the GPU) waits for the lock until the running thread is made to yield: after 5 ms by default,
+    # for every round trip of every job. A shorter interval hands it over sooner.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     for t in threads:
         t.start()
     logger.info("worker %s ready: %d slots", base, len(workers))

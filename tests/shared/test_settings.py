@@ -61,3 +61,22 @@ def test_cli_with_redis_unreachable_prints_one_clear_line(command, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "REDIS_URL=redis://127.0.0.1:1/0" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_auto_picks_llamacpp_without_cuda_when_a_gguf_is_set(monkeypatch, tmp_path):
+    import torch
+
+    from worker.backends import pick_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU box, and said so for any box
+    monkeypatch.setenv("SHALLOW_BACKEND", "auto")
+    monkeypatch.delenv("SHALLOW_GGUF", raising=False)
+    assert pick_backend(Settings.from_env()) == "transformers"
+    monkeypatch.setenv("SHALLOW_GGUF", str(tmp_path / "m.gguf"))
+    assert Settings.from_env().gguf == str(tmp_path / "m.gguf")
+    assert pick_backend(Settings.from_env()) == "llamacpp"  # needs llama-cpp-python: ./scripts/setup --with-llamacpp
+    monkeypatch.setenv("SHALLOW_BACKEND", "transformers")
+    assert pick_backend(Settings.from_env()) == "transformers"  # a named backend is taken as named
+    monkeypatch.setenv("SHALLOW_BACKEND", "llama")
+    with pytest.raises(ConfigError, match="llamacpp"):
+        Settings.from_env()

@@ -1,0 +1,105 @@
+"""The worker's stream writer against a real Redis: many replies' chunks in one round trip, each stream in
+order, the first words at once, cancel flags read for all, and a failed write raised in its own job."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from shared.protocol import EVENT_FIELD, Chunk, Done, cancel_key, decode_event, encode_event, stream_key
+from worker.jobs import StreamWriter
+
+
+def events(r: redis.Redis, key: str) -> list:
+    return [decode_event(fields[EVENT_FIELD.encode()]) for _, fields in r.xrange(key)]
+
+
+def test_chunks_of_many_streams_arrive_whole_and_in_order(redis_proc):
+    r = redis_proc.client()
+    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=0.05)
+    keys = [stream_key(f"job{i}") for i in range(20)]
+    for key in keys:
+        writer.open(key, key + ":cancel")
+    started = time.monotonic()
+    for key in keys:
+        writer.add(key, "Once", attempt=1)
+    writer.flush(keys[0])
+    first = time.monotonic() - started
+    for n in range(50):
+        for key in keys:
+            writer.add(key, f" {n}", attempt=1)
+    for key in keys:
+        writer.flush(key)
+        r.xadd(key, {EVENT_FIELD: encode_event(Done(text="", prompt_tokens=1, completion_tokens=51))})
+    for key in keys:
+        got = events(r, key)
+        assert isinstance(got[-1], Done)  # written after flush: after every chunk
+        chunks = got[:-1]
+        assert all(isinstance(c, Chunk) and c.attempt == 1 for c in chunks)
+        assert "".join(c.text for c in chunks) == "Once" + "".join(f" {n}" for n in range(50))
+        assert len(chunks) < 20  # batched: far fewer entries than the 51 pieces added
+        assert r.ttl(key) > 0
+        writer.close(key)
+    assert first < 0.05 + 0.5  # the first words are not held back for a whole interval (generous bound)
+
+
+def test_cancel_flags_are_read_for_every_open_stream(redis_proc):
+    r = redis_proc.client()
+    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=0.02, cancel_interval=0.05)
+    a, b = stream_key("a"), stream_key("b")
+    writer.open(a, cancel_key("a"))
+    writer.open(b, cancel_key("b"))
+    r.set(cancel_key("b"), 1)
+    deadline = time.monotonic() + 5
+    while not writer.is_cancelled(b) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writer.is_cancelled(b) and not writer.is_cancelled(a)
+    writer.close(b)
+    assert not writer.is_cancelled(b)
+
+
+def test_a_failed_write_is_raised_in_the_job_it_belongs_to(redis_proc):
+    r = redis_proc.client()
+    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=0.02)
+    good, bad = stream_key("good"), stream_key("bad")
+    writer.open(good, cancel_key("good"))
+    writer.open(bad, cancel_key("bad"))
+    r.set(bad, "not a stream")  # XADD to it fails with WRONGTYPE
+    writer.add(bad, "text", attempt=1)
+    writer.add(good, "fine", attempt=1)  # in the same batch: written, and its job sees no error
+    with pytest.raises(redis.ResponseError):
+        writer.flush(bad)
+    writer.flush(good)
+    writer.add(good, " still", attempt=1)  # the writer goes on
+    writer.flush(good)
+    assert "".join(e.text for e in events(r, good)) == "fine still"
+
+
+def test_flush_from_many_threads_at_once(redis_proc):
+    r = redis_proc.client()
+    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=0.01)
+    errors: list[BaseException] = []
+
+    def job(i: int) -> None:
+        key = stream_key(f"t{i}")
+        writer.open(key, key + ":c")
+        try:
+            for n in range(30):
+                writer.add(key, f"{n},", attempt=2)
+                if n % 7 == 0:
+                    writer.flush(key)
+            writer.flush(key)
+            assert "".join(e.text for e in events(r, key)) == "".join(f"{n}," for n in range(30))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assert below
+            errors.append(exc)
+        finally:
+            writer.close(key)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:3]
