@@ -52,6 +52,13 @@ def merged_checkpoint(base: str, adapter: str | None, out: Path) -> None:
 
     from worker.backends import _tokenizer_source
 
+    from transformers import AutoConfig
+
+    if getattr(AutoConfig.from_pretrained(base), "quantization_config", None):
+        raise ConfigError(
+            f"{base} is a quantized checkpoint (its config has a quantization_config): merge into the unquantized "
+            "weights it was made from, e.g. --base-model unsloth/Llama-3.2-1B-Instruct for the lab's "
+            "unsloth/Llama-3.2-1B-Instruct-bnb-4bit (an adapter trained on the 4-bit base applies to it)")
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(base, adapter))
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{adapter or base} has no chat template: the GGUF would not know how to format a chat")

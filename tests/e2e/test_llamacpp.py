@@ -132,3 +132,26 @@ def test_llamacpp_without_a_gguf_is_a_clear_error(env, processes):
     assert proc.wait(120) != 0
     log = Path(proc.log_path).read_text()
     assert "SHALLOW_GGUF" in log and "Traceback" not in log
+
+
+def test_export_refuses_bad_input_clearly(model_dir, tmp_path):
+    def export(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "shared.cli", "export", "gguf", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, SHALLOW_HOME=str(tmp_path / "home")))
+
+    quantized = tmp_path / "bnb-base"
+    quantized.mkdir()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    cases = [
+        (["--base-model", model_dir, "--out", str(tmp_path / "model.bin")], "should name a .gguf file"),
+        (["--base-model", model_dir, "--quant", "Q3_X", "--out", str(tmp_path / "m.gguf")], "--quant must be one of"),
+        (["--base-model", str(quantized), "--out", str(tmp_path / "m.gguf")], "quantized checkpoint"),
+        (["--base-model", model_dir, "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.gguf")], "nowhere"),
+    ]
+    for args, message in cases:
+        proc = export(*args)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.glob("*.gguf"))
