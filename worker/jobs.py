@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 FORCED_CHOICES = 3  # when the model writes none itself: three, one line each
 CHUNK_INTERVAL = 0.03  # seconds between a reply's chunk writes (the first goes at once)
 CANCEL_INTERVAL = 0.25  # seconds between reads of the cancel flags of the replies being written
+FLUSH_TIMEOUT = 60.0  # a job waits this long at most for its text to be written, then fails (and is retried)
 CHOICE_TRIES = 3  # a choice that comes out empty (or letterless) is asked for again, sampled
 RETRY_TEMPERATURE = 0.8  # greedy decoding would only repeat the empty choice
 
@@ -119,7 +120,8 @@ class StreamWriter:
             if key in self.pending or key in self.inflight:
                 self.urgent = True
                 self.cond.notify_all()
-                self.cond.wait_for(lambda: key not in self.pending and key not in self.inflight)
+                if not self.cond.wait_for(lambda: key not in self.pending and key not in self.inflight, FLUSH_TIMEOUT):
+                    raise TimeoutError(f"the reply stream {key} was not written for {FLUSH_TIMEOUT:.0f}s (is Redis stalled?)")
             self._raise(key)
 
     def is_cancelled(self, key: str) -> bool:
