@@ -58,6 +58,7 @@ def test_cancel_flags_are_read_for_every_open_stream(redis_proc):
     assert writer.is_cancelled(b) and not writer.is_cancelled(a)
     writer.close(b)
     assert not writer.is_cancelled(b)
+    writer.close(a)
 
 
 def test_a_failed_write_is_raised_in_the_job_it_belongs_to(redis_proc):
@@ -75,6 +76,8 @@ def test_a_failed_write_is_raised_in_the_job_it_belongs_to(redis_proc):
     writer.add(good, " still", attempt=1)  # the writer goes on
     writer.flush(good)
     assert "".join(e.text for e in events(r, good)) == "fine still"
+    writer.close(good)
+    writer.close(bad)
 
 
 def test_flush_from_many_threads_at_once(redis_proc):
