@@ -206,3 +206,11 @@ def test_validation_keeps_the_best_adapter_and_stops_early(trained, model_dir, t
     best, served = adapter_tensors(out / "best-adapter"), adapter_tensors(out / "adapter")
     assert all((best[k] == served[k]).all() for k in best)  # the adapter to serve is the best one, not the last
     assert (out / "last-adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_defaults_take_the_labs_8_conversations_a_step_in_one_pass():
+    from training.train import parse_config
+
+    cfg = parse_config([])
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (8, 1)
+    assert cfg.padding_free and cfg.gradient_checkpointing and not cfg.packing
