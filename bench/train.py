@@ -11,6 +11,8 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   default  `shallow train`'s defaults: the same 8 conversations a step in one pass of 8, padding-free
            with unsloth (the transformers backend pads), gradient checkpointing on
   nogc     the defaults without gradient checkpointing (more memory, less compute)
+  fused    the defaults with torch's fused AdamW (one kernel for all the LoRA tensors, 32-bit states)
+           instead of bitsandbytes' 8-bit AdamW (a kernel per tensor)
   packed   trl's best-fit packing, padding-free, into rows of --max-seq-length tokens; as many rows a
            step as carry about the recipe's tokens per step (measured by the recipe run when it ran
            first), no accumulation
@@ -44,7 +46,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
     return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
-PRESETS = ("recipe", "default", "nogc", "packed", "big")
+PRESETS = ("recipe", "default", "nogc", "fused", "packed", "big")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -54,6 +56,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return []
     if name == "nogc":
         return ["--gradient-checkpointing", "false"]
+    if name == "fused":
+        return ["--optim", "adamw_torch_fused"]
     if name in ("packed", "fast"):  # "fast": this preset's name before the defaults changed
         rows = max(1, round(RECIPE_SEQUENCES * mean_tokens / max_len))
         return ["--packing", "true", "--per-device-train-batch-size", str(rows), "--gradient-accumulation-steps", "1"]

@@ -26,7 +26,7 @@ from shared.models import resolve_model
 from shared.prompts import Message
 from shared.settings import GenerationSettings, Settings
 from worker.backends import Backend, Generation, _context, _pick_device, _tokenizer_source, nf4_config
-from worker.engine import STEPS, EngineStopped, Request, SlotEngine, kv_shape, register_attention
+from worker.engine import MARGIN, EngineStopped, Request, SlotEngine, kv_shape, register_attention
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class BatchedBackend(Backend):
                 raise ConfigError(f"continuous batching is not available for {base}: {exc}") from None
             how = "paged engine"
         else:
-            length = context + STEPS
+            length = context + MARGIN
             layers, heads, head_dim = kv_shape(model.config)
             per_row = 2 * layers * heads * head_dim * model.dtype.itemsize * length
             if device.startswith("cuda"):

@@ -16,6 +16,7 @@ accept a prepared 4-D mask (Llama and SmolLM2 here). On the CPU the same step ru
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -27,6 +28,8 @@ STEPS = 8  # decoding steps between two reads of the new tokens, at most (a new 
 FEW_ROWS = 16  # up to this many live rows, the host reads the new tokens every 4 steps; above, every 8 (half the host work)
 TOP_K = 50  # transformers' default top-k, applied before top-p as in `generate`
 PREFILL_TOKENS = 8192  # prompt tokens (padding included) prefilled in one forward pass at most
+# positions a row keeps free past its reply: one launch of steps, and one more already queued when it ends
+MARGIN = 2 * STEPS
 MIN_SHIFT = 256  # the live window is moved back to the cache's start only when that frees this much
 
 
@@ -106,6 +109,7 @@ class Request:
     out: queue.Queue = field(default_factory=queue.Queue)  # lists of new token ids, then None (done) or an exception
     generated: int = 0
     cancelled: bool = False
+    finished: bool = False  # ended (or cancelled and let go): tokens still in flight for it are dropped
     engine_id: str = ""  # the paged engine's own name for it
 
 
@@ -152,10 +156,16 @@ class SlotEngine:
         self.penalty = torch.ones(rows, dtype=torch.float32, device=dev)
         self.seen = zeros(rows, vocab, dtype=torch.bool)
         self.out, self.col, self.write_at = zeros(rows, STEPS), zeros(1), zeros(1)
-        # the new tokens come back through pinned memory, the wait on an event: it lets go of the
-        # interpreter lock (Tensor.tolist() on a CUDA tensor would hold it while the GPU works)
-        self.out_host = torch.zeros(rows, STEPS, dtype=torch.long, pin_memory=dev.type == "cuda")
-        self.ready = torch.cuda.Event() if dev.type == "cuda" else None
+        self.first = zeros(rows)  # the first token of each reply prefilled in this launch
+        # The new tokens come back through pinned memory, the wait on an event: it lets go of the
+        # interpreter lock (Tensor.tolist() on a CUDA tensor would hold it while the GPU works). Two sets,
+        # for the two launches in flight: the GPU runs the next steps while the host hands out the last ones.
+        cuda = dev.type == "cuda"
+        self.out_host = [torch.zeros(rows, STEPS + 1, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self.ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.pending: collections.deque[_Launch] = collections.deque()
+        self.launches = 0
+        self.starts: list[int] = []  # the host's copy of `start` for the live rows (no device reads to move rows)
         self.key_index = torch.arange(length, device=dev)
         self.row_buckets = _buckets(rows, 1)
         self.len_buckets = _buckets(length, 128)
@@ -226,9 +236,9 @@ class SlotEngine:
     def submit(self, request: Request) -> None:
         if self.stopping.is_set() or not self.thread.is_alive():
             raise EngineStopped("the generation engine is not running")
-        if len(request.ids) + STEPS > self.length:
+        if len(request.ids) + MARGIN > self.length:
             raise ValueError(f"a prompt of {len(request.ids)} tokens does not fit the engine's {self.length}-token rows")
-        request.max_new_tokens = max(1, min(request.max_new_tokens, self.length - STEPS - len(request.ids)))
+        request.max_new_tokens = max(1, min(request.max_new_tokens, self.length - MARGIN - len(request.ids)))
         self.incoming.put(request)
         self.wake.set()
 
@@ -254,23 +264,38 @@ class SlotEngine:
                     logger.exception("generation step failed")
                     for request in self.live + self.waiting:
                         request.out.put(RuntimeError(f"generation failed: {exc}"))
-                    self.live, self.waiting = [], []
+                    self.live, self.waiting, self.starts = [], [], []
+                    self.pending.clear()
         for request in self.live + self.waiting + _drain(self.incoming):
-            request.out.put(EngineStopped("the generation engine stopped"))
+            if not request.finished:
+                request.out.put(EngineStopped("the generation engine stopped"))
 
     def _iteration(self) -> None:
-        if not self.live and not self.waiting:
+        """Admit, launch the next steps, then hand out the tokens of the launch before (still one in flight).
+
+        The GPU works through launch k+1 while the host delivers launch k's tokens and does its
+        bookkeeping, so the host's time (and its waits for the interpreter lock) does not idle the GPU.
+        A launch's tokens are read through the rows as they were when it was launched (`_Launch.owners`);
+        a reply that ended meanwhile ignores what was written for it since.
+        """
+        if not self.live and not self.waiting and not self.pending:
             self.wake.wait(0.5)
         self.wake.clear()
         self.waiting.extend(_drain(self.incoming))
         self.waiting = [r for r in self.waiting if not r.cancelled]
         self._release([i for i, r in enumerate(self.live) if r.cancelled])
+        new = 0
         if self.waiting and len(self.live) < self.rows:
-            self._admit()
-        if not self.live:
-            return
+            new = self._admit()
+        if self.live:
+            self._launch(new)
+        while len(self.pending) > (1 if self.live else 0):
+            self._harvest(self.pending.popleft())
+
+    def _launch(self, new: int) -> None:
+        """Queue `steps` decoding steps for the live rows and the copy of their tokens to the host."""
         if self.t + STEPS > self.length:
-            self._shift(min(r_start for r_start in self._starts()))
+            self._shift(min(self.starts))
         n = len(self.live)
         b = next(size for size in self.row_buckets if size >= n)
         length = next(size for size in self.len_buckets if size >= self.t + STEPS)
@@ -279,20 +304,33 @@ class SlotEngine:
         graph = self.graphs.get((b, length))
         for _ in range(steps):
             graph.replay() if graph is not None else self._step(b, length)
-        self.out_host[:n].copy_(self.out[:n], non_blocking=True)
-        if self.ready is not None:
-            self.ready.record()
-            self.ready.synchronize()  # waits for the steps without the interpreter lock
-        rows = [r[:steps] for r in self.out_host[:n].tolist()]
         self.t += steps
-        done = []
-        for i, (request, tokens) in enumerate(zip(self.live, rows)):
-            if not self._deliver(request, tokens):
-                done.append(i)
-        self._release(done)
+        slot = self.launches % 2
+        self.launches += 1
+        host = self.out_host[slot]
+        host[:n, 0].copy_(self.first[:n], non_blocking=True)
+        host[:n, 1:].copy_(self.out[:n], non_blocking=True)
+        if self.ready[slot] is not None:
+            self.ready[slot].record()
+        self.pending.append(_Launch(slot=slot, owners=list(self.live), steps=steps, new=range(n - new, n)))
 
-    def _starts(self) -> list[int]:
-        return self.start[: len(self.live)].tolist()
+    def _harvest(self, launch: _Launch) -> None:
+        """Wait for a launch's tokens (without the interpreter lock) and hand them to their replies."""
+        ready = self.ready[launch.slot]
+        if ready is not None:
+            ready.synchronize()
+        n = len(launch.owners)
+        rows = self.out_host[launch.slot][:n].tolist()
+        ended = set()
+        for i, (request, tokens) in enumerate(zip(launch.owners, rows)):
+            if request.finished:
+                continue
+            tokens = tokens[0 : launch.steps + 1] if i in launch.new else tokens[1 : launch.steps + 1]
+            if not self._deliver(request, tokens):
+                request.finished = True
+                ended.add(id(request))
+        if ended:
+            self._release([i for i, r in enumerate(self.live) if id(r) in ended])
 
     def _deliver(self, request: Request, tokens: list[int]) -> bool:
         """Hand a request its new tokens; False when it has ended (end of sequence, its limit, or cancelled)."""
@@ -318,14 +356,17 @@ class SlotEngine:
     def _release(self, rows: list[int]) -> None:
         """Free these rows; the last live rows move into the gaps so the live rows stay the first n."""
         for i in sorted(rows, reverse=True):
+            self.live[i].finished = True
             last = len(self.live) - 1
             if i != last:
                 self._move(last, i)
                 self.live[i] = self.live[last]
+                self.starts[i] = self.starts[last]
             self.live.pop()
+            self.starts.pop()
 
     def _move(self, src: int, dst: int) -> None:
-        lo = int(self.start[src])
+        lo = self.starts[src]
         for k in self.keys + self.values:
             k[dst, :, lo : self.t] = k[src, :, lo : self.t]
         for buf in (self.tokens, self.pos, self.start, self.temperature, self.top_p, self.penalty, self.seen):
@@ -336,15 +377,26 @@ class SlotEngine:
         n = len(self.live)
         if d == 0:
             return
-        lo = min(self._starts(), default=self.t) if n else self.t
+        lo = min(self.starts, default=self.t) if n else self.t
         if n and lo < self.t:
             for k in self.keys + self.values:
                 k[:n, :, lo - d : self.t - d] = k[:n, :, lo : self.t].clone()
         self.start[:n] -= d
+        self.starts = [s - d for s in self.starts]
         self.t -= d
         self.write_at.fill_(self.t)
 
-    def _admit(self) -> None:
+    def _to_device(self, data, dtype):
+        """A host list on the device without waiting for the GPU (pinned memory, asynchronous copy)."""
+        import torch
+
+        host = torch.tensor(data, dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _admit(self) -> int:
+        """Prefill waiting prompts into free rows (queued on the GPU, no wait); returns how many joined."""
         import torch
 
         room = self.rows - len(self.live)
@@ -361,14 +413,13 @@ class SlotEngine:
         # that plan per shape (cuDNN's) are planned once per shape, not for every new position t.
         longest = min(-(-longest // 16) * 16, self.length - STEPS)
         # The new prompts end at t: make room before t, and move a window that has drifted far back to the start.
-        starts = self._starts()
-        span = self.t - min(starts) if starts else 0
+        span = self.t - min(self.starts) if self.starts else 0
         target = max(span, longest)
         if self.t < longest or self.t - target >= MIN_SHIFT or self.t + STEPS > self.length:
             self._shift(self.t - target)
         n, k, t, dev = len(self.live), len(batch), self.t, self.device
-        lengths = torch.tensor([len(r.ids) for r in batch], device=dev)
-        ids = torch.tensor([[self.pad_id] * (longest - len(r.ids)) + r.ids for r in batch], device=dev)
+        lengths = self._to_device([len(r.ids) for r in batch], torch.long)
+        ids = self._to_device([[self.pad_id] * (longest - len(r.ids)) + r.ids for r in batch], torch.long)
         positions = (torch.arange(longest, device=dev)[None, :] - (longest - lengths)[:, None]).clamp_min(0)
         query_at = t - longest + torch.arange(longest, device=dev)  # cache index of each prompt position
         keys = next(size for size in self.len_buckets if size >= t)
@@ -380,20 +431,29 @@ class SlotEngine:
         window = _Window([x[rows, :, :keys] for x in self.keys], [x[rows, :, :keys] for x in self.values], query_at)
         logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
                             use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.temperature[rows] = torch.tensor([r.temperature for r in batch], device=dev)
-        self.top_p[rows] = torch.tensor([r.top_p for r in batch], device=dev)
-        self.penalty[rows] = torch.tensor([r.repetition_penalty for r in batch], device=dev)
+        settings = self._to_device([[r.temperature, r.top_p, r.repetition_penalty] for r in batch], torch.float32)
+        self.temperature[rows], self.top_p[rows], self.penalty[rows] = settings[:, 0], settings[:, 1], settings[:, 2]
         self.seen[rows] = False
-        for j, request in enumerate(batch):
-            self.seen[n + j, request.ids] = True
+        seen_rows = self._to_device([n + j for j, r in enumerate(batch) for _ in r.ids], torch.long)
+        seen_ids = self._to_device([i for r in batch for i in r.ids], torch.long)
+        self.seen.index_put_((seen_rows, seen_ids), torch.ones((), dtype=torch.bool, device=dev))
         first = sample(logits, self.temperature[rows], self.top_p[rows], self.penalty[rows], self.seen[rows])
+        self.first[rows] = first
         self.tokens[rows, 0] = first
         self.pos[rows, 0] = lengths
         self.start[rows] = t - lengths
         self.seen[rows].scatter_(1, first[:, None], True)
         self.live.extend(batch)
-        done = [n + j for j, (request, token) in enumerate(zip(batch, first.tolist())) if not self._deliver(request, [token])]
-        self._release(done)
+        self.starts.extend(t - len(r.ids) for r in batch)
+        return k
+
+
+@dataclass
+class _Launch:
+    slot: int  # which host buffer and event
+    owners: list[Request]  # the request of each row when it was launched
+    steps: int
+    new: range  # rows prefilled in this launch: their first token comes with it
 
 
 def _drain(q: queue.Queue) -> list:
