@@ -7,12 +7,15 @@ the same examples, how far apart their loss curves are (compared at the same sha
 seen; linear interpolation between logged steps).
 
 Presets (`--presets`, in order; the first is the one the others' loss curves are compared with):
-  recipe   the lab's settings: micro-batch 2 x accumulation 4 (8 conversations an optimizer step), padded
+  recipe   the lab's settings: micro-batch 2 x accumulation 4 (8 conversations an optimizer step), padded,
+           bitsandbytes' 8-bit AdamW, unsloth's gradient checkpointing (activations kept in host memory)
   default  `shallow train`'s defaults: the same 8 conversations a step in one pass of 8, padding-free
-           with unsloth (the transformers backend pads), gradient checkpointing on
+           with unsloth (the transformers backend pads), torch's fused AdamW, gradient checkpointing with
+           the checkpoints on the GPU
+  session4 the defaults of session 4: as default, with the lab's 8-bit AdamW and unsloth's checkpointing
+  fused    session4 with torch's fused AdamW (one kernel for all the LoRA tensors, 32-bit states)
+  gpuckpt  fused with the checkpoints on the GPU (plain gradient checkpointing): the same as default
   nogc     the defaults without gradient checkpointing (more memory, less compute)
-  fused    the defaults with torch's fused AdamW (one kernel for all the LoRA tensors, 32-bit states)
-           instead of bitsandbytes' 8-bit AdamW (a kernel per tensor)
   packed   trl's best-fit packing, padding-free, into rows of --max-seq-length tokens; as many rows a
            step as carry about the recipe's tokens per step (measured by the recipe run when it ran
            first), no accumulation
@@ -46,18 +49,23 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
     return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
-PRESETS = ("recipe", "default", "nogc", "fused", "packed", "big")
+PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
     if name == "recipe":
-        return ["--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "4", "--padding-free", "false"]
+        return ["--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "4", "--padding-free", "false",
+                "--optim", "adamw_8bit", "--gradient-checkpointing", "unsloth"]
     if name == "default":
         return []
+    if name == "session4":
+        return ["--optim", "adamw_8bit", "--gradient-checkpointing", "unsloth"]
     if name == "nogc":
         return ["--gradient-checkpointing", "false"]
     if name == "fused":
-        return ["--optim", "adamw_torch_fused"]
+        return ["--optim", "adamw_torch_fused", "--gradient-checkpointing", "unsloth"]
+    if name == "gpuckpt":
+        return ["--optim", "adamw_torch_fused", "--gradient-checkpointing", "true"]
     if name in ("packed", "fast"):  # "fast": this preset's name before the defaults changed
         rows = max(1, round(RECIPE_SEQUENCES * mean_tokens / max_len))
         return ["--packing", "true", "--per-device-train-batch-size", str(rows), "--gradient-accumulation-steps", "1"]

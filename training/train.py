@@ -91,7 +91,9 @@ class TrainConfig:
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: by epochs)"})
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine, ..."})
-    optim: str = field(default="adamw_8bit", metadata={"help": "adamw_8bit needs bitsandbytes (CUDA); else adamw_torch is used"})
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "help": "torch's fused AdamW (one kernel for all the LoRA tensors); the lab's adamw_8bit needs bitsandbytes "
+                "(CUDA). Without CUDA, adamw_torch is used"})
     weight_decay: float = field(default=0.01, metadata={"help": "weight decay"})
     seed: int = field(default=3407, metadata={"help": "seed for LoRA init, data order and sampling"})
     save_steps: int = field(default=100, metadata={"help": "a checkpoint every N optimizer steps"})
@@ -112,8 +114,12 @@ class TrainConfig:
         metadata={"help": "unsloth: a batch's conversations end to end in one row, no padding (same loss as padded); "
                           "the transformers backend pads unless --packing"},
     )
-    gradient_checkpointing: bool = field(
-        default=True, metadata={"help": "unsloth: recompute activations in the backward pass (less memory, more compute)"})
+    gradient_checkpointing: str = field(
+        default="true", metadata={
+            "help": "unsloth: recompute activations in the backward pass (less memory, more compute): 'true' (the "
+                    "checkpoints stay on the GPU), 'unsloth' (its mode: they wait in host memory, for long rows on small "
+                    "GPUs) or 'false'",
+            "choices": ["unsloth", "true", "false"]})
     profile_steps: int = field(
         default=0, metadata={"help": "profile N optimizer steps after the warm-up steps; top operations to OUTPUT/profile.txt"})
 
@@ -219,7 +225,7 @@ def _load(cfg: TrainConfig, base: str, unsloth: bool):
         )
         model = FastLanguageModel.get_peft_model(
             model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-            target_modules=TARGET_MODULES, use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False,
+            target_modules=TARGET_MODULES, use_gradient_checkpointing=checkpointing_mode(cfg.gradient_checkpointing),
             random_state=cfg.seed,
         )
         if cfg.chat_template != "model":
@@ -295,8 +301,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     optim = cfg.optim
-    if optim.endswith("_8bit") and not cuda:
-        logger.info("%s needs bitsandbytes on CUDA; using adamw_torch", optim)
+    if (optim.endswith("_8bit") or optim == "adamw_torch_fused") and not cuda:
+        logger.info("%s is for CUDA here; using adamw_torch", optim)
         optim = "adamw_torch"
     evaluating = eval_data is not None
     args = SFTConfig(
@@ -554,3 +560,15 @@ class Profile(TrainerCallback):
 def main(argv: list[str] | None = None) -> int:
     train(parse_config(argv))
     return 0
+
+
+def checkpointing_mode(value: str | bool) -> str | bool:
+    """--gradient-checkpointing as unsloth takes it: "unsloth", True or False (true/false/yes/no/1/0 accepted)."""
+    text = str(value).strip().lower()
+    if text == "unsloth":
+        return "unsloth"
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off", "none"):
+        return False
+    raise ValueError(f"--gradient-checkpointing must be unsloth, true or false, not {value!r}")

@@ -213,4 +213,5 @@ def test_the_defaults_take_the_labs_8_conversations_a_step_in_one_pass():
 
     cfg = parse_config([])
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (8, 1)
-    assert cfg.padding_free and cfg.gradient_checkpointing and not cfg.packing
+    assert cfg.padding_free and cfg.gradient_checkpointing == "true" and not cfg.packing
+    assert cfg.optim == "adamw_torch_fused"
