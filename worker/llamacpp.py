@@ -44,6 +44,19 @@ def end_of_generation_tokens(llm) -> frozenset[int]:
     return frozenset(t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t))
 
 
+def compute_threads() -> int:
+    """llama.cpp's threads: OMP_NUM_THREADS when set (the usual knob for CPU compute threads), else every core.
+
+    llama.cpp's threads spin while they wait for each other: on a box where something else computes too,
+    fewer threads than cores is much faster than a fight over them.
+    """
+    try:
+        wanted = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        wanted = 0
+    return wanted if wanted > 0 else (os.cpu_count() or 1)
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
 
@@ -75,7 +88,7 @@ class LlamaCppBackend(Backend):
         except (OSError, ValueError) as exc:
             raise ModelNotFound(f"Cannot read the tokenizer of {path}: {exc}") from None
         context = settings.context_tokens or LLAMACPP_CONTEXT
-        threads = os.cpu_count() or 1
+        threads = compute_threads()
         try:
             # flash attention: 69 -> 85 tokens/s decoding SmolLM2 Q4_K_M on 2 cores (llama.cpp's CPU kernel)
             llm = Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
