@@ -21,6 +21,10 @@ from shared.redis_conn import EmbeddedRedis, find_server_binary
 from shared.settings import OFFLINE_BASE_MODEL, GenerationSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test files at a time on two cores: one compute thread for this process and every process it starts
+    # (torch's and llama.cpp's threads spin; oversubscribed, a file took 2-10x as long).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Short replies keep the suite fast on 2 cores; greedy decoding keeps it repeatable.
 TEST_GENERATION = {"SHALLOW_MAX_NEW_TOKENS": "16", "SHALLOW_TEMPERATURE": "0", "SHALLOW_CHOICE_MAX_TOKENS": "10"}
 

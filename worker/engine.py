@@ -166,6 +166,7 @@ class SlotEngine:
         self.pending: collections.deque[_Launch] = collections.deque()
         self.launches = 0
         self.starts: list[int] = []  # the host's copy of `start` for the live rows (no device reads to move rows)
+        self.admitting: list[Request] = []  # taken from `waiting`, being prefilled
         self.key_index = torch.arange(length, device=dev)
         self.row_buckets = _buckets(rows, 1)
         self.len_buckets = _buckets(length, 128)
@@ -262,9 +263,10 @@ class SlotEngine:
                     self._iteration()
                 except Exception as exc:  # every reply in flight fails with it; the engine goes on
                     logger.exception("generation step failed")
-                    for request in self.live + self.waiting:
-                        request.out.put(RuntimeError(f"generation failed: {exc}"))
-                    self.live, self.waiting, self.starts = [], [], []
+                    for request in self.live + self.waiting + self.admitting:
+                        if not request.finished:
+                            request.out.put(RuntimeError(f"generation failed: {exc}"))
+                    self.live, self.waiting, self.starts, self.admitting = [], [], [], []
                     self.pending.clear()
         for request in self.live + self.waiting + _drain(self.incoming):
             if not request.finished:
@@ -409,6 +411,7 @@ class SlotEngine:
             batch.append(request)
             longest = longest_if
         self.waiting = self.waiting[len(batch):]
+        self.admitting = batch  # until they are live: a failure here must still reach them
         # Shapes from a small set (prompt length a multiple of 16, key length a bucket): attention kernels
         # that plan per shape (cuDNN's) are planned once per shape, not for every new position t.
         longest = min(-(-longest // 16) * 16, self.length - STEPS)
@@ -445,6 +448,7 @@ class SlotEngine:
         self.seen[rows].scatter_(1, first[:, None], True)
         self.live.extend(batch)
         self.starts.extend(t - len(r.ids) for r in batch)
+        self.admitting = []
         return k
 
 

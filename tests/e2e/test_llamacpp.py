@@ -33,28 +33,6 @@ def _need_llama_cpp() -> None:
         pytest.fail("llama-cpp-python is not installed: ./scripts/setup --with-llamacpp (.ci/run does it)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_compute_thread_beside_other_tests():
-    """Under pytest -n, another test file computes on the other core: llama.cpp's spinning threads and torch's
-    then fight over two cores (the greedy test took 193 s that way against ~25 s alone). One thread each."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    import torch
-
-    before, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
-
-
 @pytest.fixture(scope="module")
 def exported(model_dir, tmp_path_factory) -> dict[str, Path]:
     """A 4-step adapter trained here, merged and exported once as f16 by the CLI, then quantized as it quantizes."""

@@ -141,3 +141,18 @@ def test_the_paged_engine_still_answers(model_dir):
         assert [g.completion_tokens for g in gens] == [10, 10] and all(g.finish_reason == "length" for g in gens)
     finally:
         backend.close()
+
+
+def test_a_prompt_that_fails_in_the_model_gets_its_error_and_the_engine_goes_on(backends):
+    from worker.engine import Request
+
+    reference, batched, greedy = backends
+    engine = batched.engine
+    bad = Request(ids=[10**9, 1, 2], max_new_tokens=5, eos=frozenset(), temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+    engine.submit(bad)  # a token id past the vocabulary: the prefill's embedding lookup raises
+    item = bad.out.get(timeout=60)
+    assert isinstance(item, RuntimeError) and "generation failed" in str(item)
+    prompt = [{"role": "user", "content": "Name three rivers."}]
+    expected = "".join(reference.stream(prompt, greedy, max_new_tokens=12, ignore_eos=True))
+    assert "".join(batched.stream(prompt, greedy, max_new_tokens=12, ignore_eos=True)) == expected
+    assert not engine.live and not engine.waiting and not engine.admitting
