@@ -164,6 +164,9 @@ class SlotEngine:
         self.out_host = [torch.zeros(rows, STEPS + 1, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self.ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.pending: collections.deque[_Launch] = collections.deque()
+        # launches kept queued ahead of the one being handed out: 1 where the device runs on while the host
+        # works (CUDA); 0 on the CPU, where a launch is done when it returns and waiting would only delay tokens
+        self.ahead = 1 if cuda else 0
         self.launches = 0
         self.starts: list[int] = []  # the host's copy of `start` for the live rows (no device reads to move rows)
         self.admitting: list[Request] = []  # taken from `waiting`, being prefilled
@@ -291,7 +294,7 @@ class SlotEngine:
             new = self._admit()
         if self.live:
             self._launch(new)
-        while len(self.pending) > (1 if self.live else 0):
+        while len(self.pending) > (self.ahead if self.live else 0):
             self._harvest(self.pending.popleft())
 
     def _launch(self, new: int) -> None:

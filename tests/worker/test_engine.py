@@ -32,6 +32,9 @@ def backends(model_dir):
     reference = load_backend(dataclasses.replace(settings, backend="transformers"))
     # 3 rows for 5 requests: some wait for a row; 160-token rows: the live window is shifted back while they run
     batched = load_backend(dataclasses.replace(settings, backend="batched", slots=3, context_tokens=160))
+    # as on a GPU: one launch queued ahead of the one handed out (the CPU default is none: nothing runs ahead
+    # there), so that these tests go through the bookkeeping of launches in flight
+    batched.engine.ahead = 1
     yield reference, batched, dataclasses.replace(settings.generation, temperature=0.0, repetition_penalty=1.1)
     batched.close()
 
