@@ -132,6 +132,9 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: s
         (cfg,) = TrlParser([cls], prog=prog).parse_args_and_config(args=argv, fail_with_unknown_args=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if hasattr(cfg, "gradient_checkpointing"):  # a YAML value skips argparse's choices: checked here
+        mode = checkpointing_mode(cfg.gradient_checkpointing)
+        cfg.gradient_checkpointing = mode if isinstance(mode, str) else str(mode).lower()
     return cfg
 
 
@@ -571,4 +574,4 @@ def checkpointing_mode(value: str | bool) -> str | bool:
         return True
     if text in ("false", "no", "0", "off", "none"):
         return False
-    raise ValueError(f"--gradient-checkpointing must be unsloth, true or false, not {value!r}")
+    raise ConfigError(f"--gradient-checkpointing must be unsloth, true or false, not {value!r}")

@@ -215,3 +215,18 @@ def test_the_defaults_take_the_labs_8_conversations_a_step_in_one_pass():
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (8, 1)
     assert cfg.padding_free and cfg.gradient_checkpointing == "true" and not cfg.packing
     assert cfg.optim == "adamw_torch_fused"
+
+
+def test_gradient_checkpointing_takes_three_modes_from_flags_and_yaml(tmp_path):
+    from shared.errors import ConfigError
+    from training.train import checkpointing_mode, parse_config
+
+    assert checkpointing_mode(parse_config(["--gradient-checkpointing", "unsloth"]).gradient_checkpointing) == "unsloth"
+    assert checkpointing_mode(parse_config(["--gradient-checkpointing", "false"]).gradient_checkpointing) is False
+    yaml_false = tmp_path / "off.yaml"
+    yaml_false.write_text("gradient_checkpointing: false\n")
+    assert parse_config(["--config", str(yaml_false)]).gradient_checkpointing == "false"
+    yaml_bad = tmp_path / "bad.yaml"
+    yaml_bad.write_text("gradient_checkpointing: maybe\n")  # argparse does not check a YAML value against its choices
+    with pytest.raises(ConfigError, match="unsloth, true or false"):
+        parse_config(["--config", str(yaml_bad)])
