@@ -1,9 +1,9 @@
 """Where the slot engine's decoding step spends its time: ms per step by rows, and the top GPU kernels.
 
-    python -m bench.engine_profile --rows 1,16,64,256 --positions 256
+    python -m bench.engine_profile --rows 1,16,64,256 --positions 256 [--fuse] [--compile model|step] [--mode M]
 
 Loads the batched backend as the worker would (SHALLOW_* settings), stops its engine loop, and drives the
-step directly: every row live, `--positions` cache positions attended. On CUDA each figure is the
+step directly (with `--fuse`/`--compile`/`--mode`, on a new engine over the same model built that way): every row live, `--positions` cache positions attended. On CUDA each figure is the
 captured step replayed 50 times between two CUDA events; `--kernels` adds a torch.profiler table of the
 step run eagerly (the same kernels the graph replays).
 """
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="1,16,64,256")
     p.add_argument("--positions", type=int, default=256)
     p.add_argument("--kernels", action="store_true")
+    p.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up first (worker/fuse.py)")
+    p.add_argument("--compile", choices=["off", "model", "step"], default=None, help="torch.compile what (default: the settings')")
+    p.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     args = p.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
     settings = Settings.from_env()
@@ -33,6 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded in {time.perf_counter() - t0:.1f} s: {backend.description}")
     engine = backend.engine
     engine.stop()
+    if args.fuse or args.compile is not None or args.mode:
+        from worker.engine import SlotEngine
+        from worker.fuse import fuse_projections
+
+        if args.fuse:
+            print(f"fused {fuse_projections(backend.model)} layers")
+        compile_ = False if args.compile in (None, "off") else args.compile
+        t0 = time.perf_counter()
+        engine = SlotEngine(backend.model, engine.rows, engine.length, cuda_graphs=engine.use_graphs,
+                            compile=compile_, compile_mode=args.mode)
+        engine.stop()
+        print(f"engine built (compile {compile_}, mode {args.mode}) and captured in {time.perf_counter() - t0:.1f} s")
     cuda = engine.device.type == "cuda"
     length = next(size for size in engine.len_buckets if size >= args.positions)
     with torch.inference_mode():

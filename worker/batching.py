@@ -191,9 +191,12 @@ class BatchedBackend(Backend):
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             graphs = settings.cuda_graphs is not False
             compiled = settings.compile_level > 0 and device.startswith("cuda")
+            from worker.fuse import fuse_projections
+
+            fused = fuse_projections(model)  # merged Llama weights: q/k/v and gate/up as one product each
             engine = SlotEngine(model, slots, length, cuda_graphs=graphs, pad_id=int(pad or 0), compile=compiled)
             how = (f"slot engine, {engine.cache_bytes / 2**30:.2f} GiB KV cache" + (", CUDA graphs" if engine.use_graphs else "")
-                   + (", torch.compile" if compiled else ""))
+                   + (", q/k/v and gate/up fused" if fused else "") + (", torch.compile" if compiled else ""))
         desc = (f"{base}" + (f" + adapter {adapter}" + ("" if four_bit else " (merged)") if adapter else "")
                 + f" on {device}, {slots} slot(s), {'NF4 base' if four_bit else dtype}, {how}")
         return cls(model, tokenizer, device, context, desc, engine=engine, eos=eos)

@@ -125,6 +125,24 @@ def test_sampling_rules():
     assert set(wide.tolist()) >= {0, 1, 2}  # a real draw: more than the best token comes up
 
 
+def test_top_k_in_two_stages_equals_torch_topk():
+    import torch
+
+    from worker.engine import CHUNK, sample, top_k
+
+    # a Llama-3 vocabulary (not a multiple of the chunk: padded), SmolLM2's, and one too small to split
+    for width in (128256, 49152, CHUNK + 1, 7):
+        x = torch.randn(3, width)
+        k = min(50, width)
+        expected = x.topk(k, dim=-1)
+        values, indices = top_k(x, k)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    # greedy rows read their token from the same selection: the best one, as argmax would
+    x = torch.randn(4, 128256)
+    picked = sample(x, torch.zeros(4), torch.ones(4), torch.ones(4), torch.zeros(4, 128256, dtype=torch.bool))
+    assert torch.equal(picked, x.argmax(-1))
+
+
 def test_the_paged_engine_still_answers(model_dir):
     from worker.backends import load_backend
 
