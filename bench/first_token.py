@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         ids = backend.encode(messages)
         encode = time.perf_counter() - t
-        with torch.inference_mode():  # the prefill alone, as the engine runs it (no cache: an upper bound)
+        with torch.inference_mode(), backend.engine._prefill_attention():  # the prefill alone (no cache), as the engine runs it
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()

@@ -414,6 +414,18 @@ class SlotEngine:
         self.t -= d
         self.write_at.fill_(self.t)
 
+    def _prefill_attention(self):
+        """Prefills attend without cuDNN's kernel on CUDA: cuDNN plans every new shape (prompt length, batch,
+        keys), 60-80 ms of host time each on an H200, and prefills rarely repeat a shape; that plan was most
+        of a reply's time to first token. The captured steps keep it (planned once, at capture)."""
+        import contextlib
+
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     def _to_device(self, data, dtype):
         """A host list on the device without waiting for the GPU (pinned memory, asynchronous copy)."""
         import torch
@@ -458,8 +470,9 @@ class SlotEngine:
         )
         rows = slice(n, n + k)
         window = _Window([x[rows, :, :keys] for x in self.keys], [x[rows, :, :keys] for x in self.values], query_at)
-        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        with self._prefill_attention():
+            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
+                                use_cache=True, logits_to_keep=1).logits[:, -1]
         settings = self._to_device([[r.temperature, r.top_p, r.repetition_penalty] for r in batch], torch.float32)
         self.temperature[rows], self.top_p[rows], self.penalty[rows] = settings[:, 0], settings[:, 1], settings[:, 2]
         self.seen[rows] = False
