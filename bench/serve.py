@@ -356,11 +356,15 @@ def registrations_per_worker(worker_args: list[str]) -> int:
     p.add_argument("--slots", type=int)
     p.add_argument("--processes", type=int)
     p.add_argument("--gpus", default="")
+    p.add_argument("--fronts", type=int)
     known, _ = p.parse_known_args(worker_args)
     gpus = [g for g in known.gpus.split(",") if g.strip()]
     processes = known.processes or max(1, len(gpus))
-    slots = known.slots or int(os.environ.get("SHALLOW_SLOTS") or 1)
-    return processes * max(1, slots)
+    slots = max(1, known.slots or int(os.environ.get("SHALLOW_SLOTS") or 1))
+    fronts = known.fronts if known.fronts is not None else int(os.environ.get("SHALLOW_FRONTS") or 0)
+    if fronts > 0:  # the slots are shared among the fronts, rounded up
+        return processes * fronts * -(-slots // fronts)
+    return processes * slots
 
 
 @contextmanager

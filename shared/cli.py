@@ -43,6 +43,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
         settings = replace(settings, slots=args.slots)
         os.environ["SHALLOW_SLOTS"] = str(args.slots)  # for the worker processes a supervisor starts
+    if args.fronts is not None:
+        from dataclasses import replace
+
+        if args.fronts < 0:
+            raise ConfigError(f"--fronts must be 0 or more, got {args.fronts}")
+        settings = replace(settings, fronts=args.fronts)
+        os.environ["SHALLOW_FRONTS"] = str(args.fronts)  # for the worker processes a supervisor starts
     gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
     if (args.processes and args.processes > 1) or gpus:
         from worker.supervisor import supervise
@@ -212,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, help="run N worker processes on this box (each loads the model once)")
     p.add_argument("--slots", type=int, help="replies one process writes at once (SHALLOW_SLOTS; with SHALLOW_BACKEND=batched)")
     p.add_argument("--gpus", help="comma-separated GPU ids: one worker process per GPU (or --processes spread over them)")
+    p.add_argument("--fronts", type=int, help="hold the model in this process and run the jobs in N processes of their "
+                   "own, --slots shared among them (SHALLOW_FRONTS; batched backend)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("chat", help="chat in the terminal through the queue (needs a worker)")

@@ -103,6 +103,7 @@ class Settings:
     stop_timeout: int = 60  # on SIGTERM a worker finishes its reply for at most this long (a long reply is ~30 s)
     max_input_chars: int = 2000  # Discord's own message limit; longer is almost always a paste by mistake
     max_title_chars: int = 100
+    fronts: int = 0  # >0: this process holds the model and N front processes run the jobs (worker/remote.py)
     slots: int = 1  # replies one worker process writes at once (RQ loops in threads over one batched model)
     compile_level: int = 0  # batched backend on CUDA: >0 compiles the slot engine's step (torch.compile); the paged engine's compile level
     cuda_graphs: bool | None = None  # batched backend on CUDA: CUDA graphs (None: on for the slot engine, transformers decides for paged)
@@ -142,6 +143,7 @@ class Settings:
             max_input_chars=_int("SHALLOW_MAX_INPUT_CHARS", cls.max_input_chars, 1),
             max_title_chars=_int("SHALLOW_MAX_TITLE_CHARS", cls.max_title_chars, 1),
             slots=_int("SHALLOW_SLOTS", cls.slots, 1),
+            fronts=_int("SHALLOW_FRONTS", cls.fronts, 0),
             compile_level=_int("SHALLOW_COMPILE_LEVEL", cls.compile_level, 0),
             cuda_graphs=_tristate("SHALLOW_CUDA_GRAPHS"),
             batch_engine=batch_engine,

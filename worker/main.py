@@ -21,6 +21,7 @@ from rq.exceptions import StopRequested
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
+from shared.errors import ConfigError
 from shared.redis_conn import connect, redact
 from shared.sessions import SessionStore
 from shared.settings import Settings
@@ -151,7 +152,19 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
     if settings.slots > 1 and settings.backend not in ("batched",):
         logger.warning("SHALLOW_SLOTS=%d without SHALLOW_BACKEND=batched: the slots share one model without batching",
                        settings.slots)
-    backend = load_backend(settings)
+    from worker import remote
+
+    if settings.fronts > 0 and (settings.backend != "batched" or settings.batch_engine != "slots"):
+        raise ConfigError("--fronts (SHALLOW_FRONTS) needs SHALLOW_BACKEND=batched with the slot engine "
+                          f"(SHALLOW_BATCH_ENGINE=slots); this worker has {settings.backend!r}")
+    backend = remote.connect_from_env(settings)  # a front of `--fronts`: the model is in the parent process
+    if backend is None:
+        backend = load_backend(settings)
+        if settings.fronts > 0:  # hold the model; the jobs run in front processes
+            try:
+                return remote.serve(settings, backend, name)
+            finally:
+                backend.close()
     store = SessionStore(connection, settings.session_ttl, settings.stream_ttl, settings.stream_maxlen)
     try:
         if settings.slots > 1:

@@ -32,14 +32,17 @@ def plan(processes: int | None, gpus: list[str]) -> list[dict[str, str]]:
     return out
 
 
-def supervise(processes: int | None, gpus: list[str], name: str | None = None) -> int:
+def supervise(processes: int | None, gpus: list[str], name: str | None = None, env: dict[str, str] | None = None) -> int:
+    """Run the children until they have all stopped after a signal (or one stopped for good); `env` is
+    added to every child's environment (the fronts of `--fronts`: the engine's address)."""
     base = name or f"{socket.gethostname()}-{os.getpid()}"
+    common = env or {}
     children: dict[int, tuple[subprocess.Popen, dict[str, str]]] = {}
     stopping = {"signals": 0}
 
     def spawn(i: int, extra: dict[str, str]) -> None:
-        env = dict(os.environ, **extra)
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--name", f"{base}-{i}"], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--name", f"{base}-{i}"],
+                                env=dict(os.environ, **common, **extra))
         children[i] = (proc, extra)
         logger.info("started worker %s-%d (pid %d%s)", base, i, proc.pid,
                     f", GPU {extra['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in extra else "")

@@ -1,0 +1,21 @@
+"""bench/serve.py: how many RQ workers a `shallow worker ARGS` registers (the bench waits for all of them)."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], 1),
+    (["--slots", "64"], 64),
+    (["--processes", "2", "--slots", "128"], 256),
+    (["--gpus", "0,1", "--slots", "8"], 16),
+    (["--fronts", "4", "--slots", "256"], 256),
+    (["--fronts", "3", "--slots", "8"], 9),  # 3 fronts of 3 slots: the slots are shared out rounded up
+    (["--gpus", "0,1", "--fronts", "2", "--slots", "4"], 8),
+])
+def test_registrations_per_worker(monkeypatch, args, expected):
+    from bench.serve import registrations_per_worker
+
+    monkeypatch.delenv("SHALLOW_SLOTS", raising=False)
+    monkeypatch.delenv("SHALLOW_FRONTS", raising=False)
+    assert registrations_per_worker(args) == expected

@@ -1,0 +1,121 @@
+"""worker/remote.py: the engine served over a socket to a front (`shallow worker --fronts N`), in one process here.
+
+The front's backend must give exactly what the backend that holds the model gives (greedy replies token
+for token, counts, finish reasons), cancel alone, pass errors on as themselves, and fail what it has in
+flight, saying so, when the model process goes away.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+import pytest
+
+from shared.settings import Settings
+
+PROMPTS = [
+    [{"role": "user", "content": "Tell me about the sea."}],
+    [{"role": "user", "content": "Count to twenty."}],
+    [{"role": "user", "content": "Name three rivers."}],
+]
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory):
+    from worker.backends import load_backend
+    from worker.remote import EngineServer
+
+    settings = dataclasses.replace(Settings.from_env(), base_model=model_dir, adapter=None, backend="batched",
+                                   slots=3, context_tokens=256)
+    local = load_backend(settings)
+    address = str(tmp_path_factory.mktemp("engine") / "engine.sock")
+    key = os.urandom(16)
+    server = EngineServer(local, address, key)
+    yield local, server, address, key, dataclasses.replace(settings.generation, temperature=0.0, repetition_penalty=1.1)
+    server.close()
+    local.close()
+
+
+def test_a_front_gets_what_the_model_process_writes(served):
+    from worker.remote import RemoteBackend
+
+    local, server, address, key, greedy = served
+    front = RemoteBackend.connect(address, key)
+    try:
+        assert front.model is None and front.context_tokens == local.context_tokens and front.eos == local.eos
+        assert "through its model process" in front.description
+        expected = []
+        for p in PROMPTS:
+            gen = local.stream(p, greedy, max_new_tokens=20, ignore_eos=True)
+            expected.append(("".join(gen), gen.completion_tokens, gen.finish_reason))
+        got: list = [None] * len(PROMPTS)
+
+        def run(i: int) -> None:
+            gen = front.stream(PROMPTS[i], greedy, max_new_tokens=20, ignore_eos=True)
+            got[i] = ("".join(gen), gen.completion_tokens, gen.finish_reason)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert got == expected
+        assert all(count == 20 and reason == "length" for _, count, reason in got)
+        # a reply ended by the model's end of sequence: the same count and reason as in the model process
+        short = [{"role": "user", "content": "Say only the word yes."}]
+        here, there = local.stream(short, greedy, max_new_tokens=40), front.stream(short, greedy, max_new_tokens=40)
+        assert ("".join(there), there.completion_tokens, there.finish_reason) == (
+            "".join(here), here.completion_tokens, here.finish_reason)
+        assert there.finish_reason == "stop"
+        # errors come back as themselves
+        with pytest.raises(ValueError, match="does not fit"):
+            "".join(front.stream([{"role": "user", "content": "word " * 400}], greedy, max_new_tokens=10))
+        # a cancelled reply stops alone; the engine gives its row back
+        stop = threading.Event()
+        cancelled = front.stream(PROMPTS[0], greedy, max_new_tokens=200, ignore_eos=True, should_stop=stop.is_set)
+        pieces = iter(cancelled)
+        next(pieces)
+        stop.set()
+        list(pieces)
+        assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 200
+        again = front.stream(PROMPTS[1], greedy, max_new_tokens=20, ignore_eos=True)
+        assert "".join(again) == expected[1][0]
+        engine = local.engine
+        from tests.conftest import wait_for
+
+        wait_for(lambda: not engine.live and not engine.waiting, 30, "the engine to give every row back")
+    finally:
+        front.close()
+
+
+def test_a_front_fails_its_replies_when_the_model_process_goes(served):
+    from worker.engine import EngineStopped
+    from worker.remote import RemoteBackend
+
+    local, server, address, key, greedy = served
+    lost = threading.Event()
+    front = RemoteBackend.connect(address, key, on_lost=lost.set)
+    gen = front.stream(PROMPTS[2], greedy, max_new_tokens=200, ignore_eos=True)
+    pieces = iter(gen)
+    next(pieces)
+    for link in server.links:  # the model process's side of every connection closes, as when it dies
+        link.close()
+    with pytest.raises(EngineStopped, match="model process is gone"):
+        list(pieces)
+    assert lost.wait(10)  # the front is told, to stop taking jobs
+    with pytest.raises(EngineStopped):
+        "".join(front.stream(PROMPTS[0], greedy, max_new_tokens=5))
+    front.close()
+    from tests.conftest import wait_for
+
+    wait_for(lambda: not local.engine.live and not local.engine.waiting, 30, "the engine to drop the orphaned reply")
+
+
+def test_a_wrong_key_is_refused(served):
+    from shared.errors import ConfigError
+    from worker.remote import RemoteBackend
+
+    _, _, address, _, _ = served
+    with pytest.raises(ConfigError, match="cannot reach the model process"):
+        RemoteBackend.connect(address, b"not the key")

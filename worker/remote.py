@@ -1,0 +1,325 @@
+"""The model in one process, the jobs in others: `shallow worker --fronts N`.
+
+A worker process runs every job's RQ bookkeeping (about 57 Redis commands and ~5 ms of CPU a job,
+`python -m bench.rq_cost`), its session reads and writes and the text of its reply on one interpreter
+lock, the same lock the engine's loop needs: replies that arrive together wait for each other there.
+With `--fronts N` the process that holds the model runs only the engine; N front processes (ordinary
+`shallow worker` processes with `--slots`) run the RQ worker loops and the jobs, and hand each reply's
+prompt to the engine over a Unix socket (multiprocessing.connection, with a random key). Every job is
+still one RQ job in one RQ worker, as before.
+
+Protocol (pickled tuples): a front sends ("submit", id, token ids, max new tokens, end-of-sequence ids,
+temperature, top-p, repetition penalty) and ("cancel", id); the engine process answers with lists of
+(id, item): new token ids, ("done", tokens generated, the request's token limit) or ("error", kind,
+message). When the model process goes away, the fronts' replies in flight fail (RQ retries them) and
+the fronts stop; when a front goes away, its replies in the engine are cancelled.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import signal
+import socket
+import threading
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Listener
+
+from shared.errors import ConfigError
+from shared.settings import Settings
+from worker.batching import BatchedBackend
+from worker.engine import EngineStopped, Request
+
+logger = logging.getLogger(__name__)
+
+ENV_ADDRESS = "SHALLOW_ENGINE_ADDRESS"  # set for the fronts: the engine's socket
+ENV_KEY = "SHALLOW_ENGINE_KEY"  # and the key it accepts (hex)
+ERRORS = {"ValueError": ValueError, "EngineStopped": EngineStopped}  # raised again as themselves in the front
+
+
+def _hang_up(conn) -> None:
+    """Close a connection so that a thread blocked reading it wakes (EOF), here and at the other end.
+
+    (Closing the descriptor alone leaves a blocked read blocked, and the peer sees nothing.)"""
+    try:
+        dup = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
+    except OSError:
+        pass
+    try:
+        conn.close()
+    except OSError:
+        pass
+
+
+def _encode_error(exc: BaseException) -> tuple[str, str, str]:
+    kind = type(exc).__name__
+    return ("error", kind if kind in ERRORS else "RuntimeError", str(exc))
+
+
+# -- in the process that holds the model -----------------------------------------------------------
+
+
+class EngineServer:
+    """Serves one process's engine to its fronts; each connection gets a reader and a sender thread."""
+
+    def __init__(self, backend: BatchedBackend, address: str, authkey: bytes) -> None:
+        self.backend = backend
+        self.engine = backend.engine
+        self.hello = {
+            "context_tokens": backend.context_tokens,
+            "description": backend.description,
+            "eos": sorted(backend.eos),
+            "tokenizer": backend.tokenizer.name_or_path,
+        }
+        self.listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        self.closed = False
+        self.links: list[_Link] = []
+        self.thread = threading.Thread(target=self._accept, name="engine-server", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                conn = self.listener.accept()
+            except Exception:  # noqa: BLE001 - a bad key or a closed listener; the next front may be fine
+                if self.closed:
+                    return
+                logger.warning("a connection to the engine was refused", exc_info=True)
+                continue
+            link = _Link(self, conn)
+            self.links.append(link)
+            link.start()
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        for link in self.links:
+            link.close()
+
+
+class _Forward:
+    """Stands in for a request's queue in the engine process: what the engine puts goes to the front."""
+
+    def __init__(self, link: _Link, rid: int, request: Request) -> None:
+        self.link, self.rid, self.request = link, rid, request
+
+    def put(self, item) -> None:
+        self.link.post(self.rid, self.request, item)
+
+
+class _Link:
+    """One front's connection, in the engine process."""
+
+    def __init__(self, server: EngineServer, conn) -> None:
+        self.server, self.engine, self.conn = server, server.engine, conn
+        self.requests: dict[int, Request] = {}
+        self.outbox: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def start(self) -> None:
+        self.conn.send(("hello", self.server.hello))
+        threading.Thread(target=self._read, name="engine-link-read", daemon=True).start()
+        threading.Thread(target=self._send, name="engine-link-send", daemon=True).start()
+
+    def post(self, rid: int, request: Request, item) -> None:
+        with self.cond:
+            self.outbox.append((rid, request, item))
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            self.cond.notify()
+        _hang_up(self.conn)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self.conn.recv()
+                if message[0] == "submit":
+                    _, rid, ids, max_new, eos, temperature, top_p, penalty = message
+                    request = Request(ids=list(ids), max_new_tokens=int(max_new), eos=frozenset(eos),
+                                      temperature=float(temperature), top_p=float(top_p), repetition_penalty=float(penalty))
+                    request.out = _Forward(self, rid, request)  # type: ignore[assignment]
+                    self.requests[rid] = request
+                    try:
+                        self.engine.submit(request)
+                    except Exception as exc:  # noqa: BLE001 - a prompt too long, a stopped engine: the front's error
+                        request.out.put(exc)
+                elif message[0] == "cancel":
+                    request = self.requests.pop(message[1], None)
+                    if request is not None:
+                        self.engine.cancel(request)
+        except (EOFError, OSError):
+            pass  # the front went away
+        except Exception:  # noqa: BLE001 - a message that is not ours: drop this front, keep the engine
+            logger.exception("a front sent what the engine cannot read; closing its connection")
+        for request in list(self.requests.values()):  # nobody is reading these replies any more
+            self.engine.cancel(request)
+        self.requests.clear()
+        self.close()
+
+    def _send(self) -> None:
+        while True:
+            with self.cond:
+                while not self.outbox and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                items = list(self.outbox)
+                self.outbox.clear()
+            batch = []
+            for rid, request, item in items:
+                if item is None:
+                    batch.append((rid, ("done", request.generated, request.max_new_tokens)))
+                    self.requests.pop(rid, None)
+                elif isinstance(item, BaseException):
+                    batch.append((rid, _encode_error(item)))
+                    self.requests.pop(rid, None)
+                else:
+                    batch.append((rid, item))
+            try:
+                self.conn.send(batch)
+            except (OSError, ValueError):
+                self.close()
+                return
+
+
+# -- in a front --------------------------------------------------------------------------------
+
+
+class RemoteEngine:
+    """The slot engine's interface (submit, cancel, stop) over a connection to the process that holds it."""
+
+    def __init__(self, address: str, authkey: bytes, on_lost=None) -> None:
+        try:
+            self.conn = Client(address, family="AF_UNIX", authkey=authkey)
+            kind, self.info = self.conn.recv()
+        except (OSError, EOFError, AuthenticationError) as exc:
+            raise ConfigError(f"cannot reach the model process at {address}: {exc or type(exc).__name__}") from None
+        self.requests: dict[int, Request] = {}
+        self.ids = itertools.count()
+        self.lock = threading.Lock()
+        self.lost = False
+        self.stopping = False
+        self.on_lost = on_lost
+        self.thread = threading.Thread(target=self._read, name="engine-client", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self.lock:
+            if self.lost:
+                raise EngineStopped("the model process is gone")
+            rid = next(self.ids)
+            request.engine_id = str(rid)
+            self.requests[rid] = request
+            try:
+                self.conn.send(("submit", rid, request.ids, request.max_new_tokens, sorted(request.eos),
+                                request.temperature, request.top_p, request.repetition_penalty))
+            except (OSError, ValueError):
+                self.requests.pop(rid, None)
+                raise EngineStopped("the model process is gone") from None
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        with self.lock:
+            if request.engine_id and self.requests.pop(int(request.engine_id), None) is not None and not self.lost:
+                try:
+                    self.conn.send(("cancel", int(request.engine_id)))
+                except (OSError, ValueError):
+                    pass
+
+    def stop(self, timeout: float = 10) -> None:
+        self.stopping = True
+        _hang_up(self.conn)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                for rid, item in self.conn.recv():
+                    request = self.requests.get(rid)
+                    if request is None:  # cancelled here meanwhile
+                        continue
+                    if isinstance(item, list):
+                        request.out.put(item)
+                    elif item[0] == "done":
+                        request.generated, request.max_new_tokens = item[1], item[2]
+                        self.requests.pop(rid, None)
+                        request.out.put(None)
+                    else:
+                        self.requests.pop(rid, None)
+                        request.out.put(ERRORS.get(item[1], RuntimeError)(item[2]))
+        except (EOFError, OSError, TypeError):
+            pass
+        with self.lock:
+            self.lost = True
+            pending = list(self.requests.values())
+            self.requests.clear()
+        for request in pending:
+            request.out.put(EngineStopped("the model process is gone"))
+        if not self.stopping:
+            logger.error("the model process is gone: this front stops (its replies in flight are retried by RQ)")
+            if self.on_lost is not None:
+                self.on_lost()
+
+
+class RemoteBackend(BatchedBackend):
+    """The batched backend of a front: its own tokenizer (chat template, counting, decoding), the model elsewhere."""
+
+    @classmethod
+    def connect(cls, address: str, authkey: bytes, on_lost=None) -> RemoteBackend:
+        from transformers import AutoTokenizer
+
+        engine = RemoteEngine(address, authkey, on_lost)
+        info = engine.info
+        tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"])
+        return cls(None, tokenizer, "remote", int(info["context_tokens"]), f"{info['description']}, through its model process",
+                   engine=engine, eos=frozenset(info["eos"]))
+
+
+def connect_from_env(settings: Settings) -> RemoteBackend | None:
+    """In a front (its parent set the engine's address): the remote backend; elsewhere None."""
+    address = os.environ.get(ENV_ADDRESS)
+    if not address:
+        return None
+
+    def lost() -> None:  # the fronts' main thread stops the slots (they finish failing what they hold)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return RemoteBackend.connect(address, bytes.fromhex(os.environ.get(ENV_KEY, "")), on_lost=lost)
+
+
+def serve(settings: Settings, backend: BatchedBackend, name: str | None) -> int:
+    """Hold the model, serve its engine on a socket, and run `settings.fronts` front processes over it."""
+    import shutil
+    import tempfile
+
+    from worker.supervisor import supervise
+
+    if not isinstance(backend, BatchedBackend) or backend.engine.__class__.__name__ != "SlotEngine":
+        raise ConfigError("--fronts needs SHALLOW_BACKEND=batched with the slot engine")
+    folder = tempfile.mkdtemp(prefix="shallow-engine-")
+    address = os.path.join(folder, "engine.sock")
+    authkey = os.urandom(16)
+    server = EngineServer(backend, address, authkey)
+    fronts = settings.fronts
+    per_front = -(-max(1, settings.slots) // fronts)
+    env = {ENV_ADDRESS: address, ENV_KEY: authkey.hex(), "SHALLOW_SLOTS": str(per_front), "SHALLOW_FRONTS": "0"}
+    base = name or f"{socket.gethostname()}-{os.getpid()}"
+    logger.info("model process %s: %d fronts of %d slots each over %s", base, fronts, per_front, backend.description)
+    try:
+        return supervise(fronts, [], base, env=env)
+    finally:
+        server.close()
+        shutil.rmtree(folder, ignore_errors=True)
