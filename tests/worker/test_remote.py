@@ -47,12 +47,12 @@ def test_a_front_gets_what_the_model_process_writes(served):
         assert "through its model process" in front.description
         expected = []
         for p in PROMPTS:
-            gen = local.stream(p, greedy, max_new_tokens=20, ignore_eos=True)
+            gen = local.stream(p, greedy, max_new_tokens=12, ignore_eos=True)
             expected.append(("".join(gen), gen.completion_tokens, gen.finish_reason))
         got: list = [None] * len(PROMPTS)
 
         def run(i: int) -> None:
-            gen = front.stream(PROMPTS[i], greedy, max_new_tokens=20, ignore_eos=True)
+            gen = front.stream(PROMPTS[i], greedy, max_new_tokens=12, ignore_eos=True)
             got[i] = ("".join(gen), gen.completion_tokens, gen.finish_reason)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
@@ -61,7 +61,7 @@ def test_a_front_gets_what_the_model_process_writes(served):
         for t in threads:
             t.join(300)
         assert got == expected
-        assert all(count == 20 and reason == "length" for _, count, reason in got)
+        assert all(count == 12 and reason == "length" for _, count, reason in got)
         # a reply ended by the model's end of sequence: the same count and reason as in the model process
         short = [{"role": "user", "content": "Say only the word yes."}]
         here, there = local.stream(short, greedy, max_new_tokens=40), front.stream(short, greedy, max_new_tokens=40)
@@ -73,13 +73,13 @@ def test_a_front_gets_what_the_model_process_writes(served):
             "".join(front.stream([{"role": "user", "content": "word " * 400}], greedy, max_new_tokens=10))
         # a cancelled reply stops alone; the engine gives its row back
         stop = threading.Event()
-        cancelled = front.stream(PROMPTS[0], greedy, max_new_tokens=200, ignore_eos=True, should_stop=stop.is_set)
+        cancelled = front.stream(PROMPTS[0], greedy, max_new_tokens=120, ignore_eos=True, should_stop=stop.is_set)
         pieces = iter(cancelled)
         next(pieces)
         stop.set()
         list(pieces)
         assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 200
-        again = front.stream(PROMPTS[1], greedy, max_new_tokens=20, ignore_eos=True)
+        again = front.stream(PROMPTS[1], greedy, max_new_tokens=12, ignore_eos=True)
         assert "".join(again) == expected[1][0]
         engine = local.engine
         from tests.conftest import wait_for
@@ -96,7 +96,7 @@ def test_a_front_fails_its_replies_when_the_model_process_goes(served):
     local, server, address, key, greedy = served
     lost = threading.Event()
     front = RemoteBackend.connect(address, key, on_lost=lost.set)
-    gen = front.stream(PROMPTS[2], greedy, max_new_tokens=200, ignore_eos=True)
+    gen = front.stream(PROMPTS[2], greedy, max_new_tokens=120, ignore_eos=True)
     pieces = iter(gen)
     next(pieces)
     for link in server.links:  # the model process's side of every connection closes, as when it dies
