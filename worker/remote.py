@@ -92,7 +92,7 @@ class EngineServer:
                 logger.warning("a connection to the engine was refused", exc_info=True)
                 continue
             link = _Link(self, conn)
-            self.links.append(link)
+            self.links = [other for other in self.links if not other.closed] + [link]  # fronts come and go
             link.start()
 
     def close(self) -> None:
