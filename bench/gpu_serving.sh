@@ -6,10 +6,7 @@
 set -euo pipefail
 out=${1:?OUT_DIR}; shift
 mkdir -p "$out"
-base=${LLAMA_DIR:-/tmp/llama1b}
-adapter=${ADAPTER_DIR:-/tmp/llama1b-adapter}
-[ -f "$base/config.json" ] || python .gpu/make_llama1b.py "$base" > "$out/make_llama1b.log" 2>&1
-[ -f "$adapter/adapter_config.json" ] || python -m bench.make_adapter "$base" "$adapter" > "$out/make_adapter.log" 2>&1
+source "$(dirname "$0")/gpu_models.sh"
 export SHALLOW_BASE_MODEL="$base" SHALLOW_ADAPTER="$adapter" SHALLOW_HOME="$out/home" SHALLOW_LOG_LEVEL=WARNING
 bench() { python -m shared.cli bench --new-tokens 128 "$@"; }
 for stage in "$@"; do

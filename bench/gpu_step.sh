@@ -5,10 +5,7 @@
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 mkdir -p "$out"
-base=${LLAMA_DIR:-/tmp/llama1b}
-adapter=${ADAPTER_DIR:-/tmp/llama1b-adapter}
-[ -f "$base/config.json" ] || python .gpu/make_llama1b.py "$base" > "$out/make_llama1b.log" 2>&1
-[ -f "$adapter/adapter_config.json" ] || python -m bench.make_adapter "$base" "$adapter" > "$out/make_adapter.log" 2>&1
+source "$(dirname "$0")/gpu_models.sh"
 export SHALLOW_BASE_MODEL="$base" SHALLOW_ADAPTER="$adapter" SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 SHALLOW_CONTEXT_TOKENS=${CONTEXT:-1024} \
   SHALLOW_SLOTS=16 SHALLOW_LOG_LEVEL=WARNING SHALLOW_HOME="$out/home"
 prof() { python -m bench.engine_profile --rows ${ROWS:-1,16} --positions ${POSITIONS:-256} "$@"; }
