@@ -86,7 +86,7 @@ class EngineServer:
         while not self.closed:
             try:
                 conn = self.listener.accept()
-            except Exception:  # noqa: BLE001 - a bad key or a closed listener; the next front may be fine
+            except Exception:  # a bad key or a closed listener; the next front may be fine
                 if self.closed:
                     return
                 logger.warning("a connection to the engine was refused", exc_info=True)
@@ -163,7 +163,7 @@ class _Link:
                         self.engine.cancel(request)
         except (EOFError, OSError):
             pass  # the front went away
-        except Exception:  # noqa: BLE001 - a message that is not ours: drop this front, keep the engine
+        except Exception:  # a message that is not ours: drop this front, keep the engine
             logger.exception("a front sent what the engine cannot read; closing its connection")
         for request in list(self.requests.values()):  # nobody is reading these replies any more
             self.engine.cancel(request)
@@ -205,7 +205,7 @@ class RemoteEngine:
     def __init__(self, address: str, authkey: bytes, on_lost=None) -> None:
         try:
             self.conn = Client(address, family="AF_UNIX", authkey=authkey)
-            kind, self.info = self.conn.recv()
+            _, self.info = self.conn.recv()
         except (OSError, EOFError, AuthenticationError) as exc:
             raise ConfigError(f"cannot reach the model process at {address}: {exc or type(exc).__name__}") from None
         self.requests: dict[int, Request] = {}

@@ -6,7 +6,6 @@ cancelled), streams its own chunks, and is written to its session once.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -109,72 +108,3 @@ def test_bench_runs_end_to_end_and_direct(env, tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["mode"] == "direct" and row["tokens"] == 16 and row["errors"] == 0
 
-
-def start_fronts(env, processes, fronts: int, slots: int, name: str):
-    """`shallow worker --fronts N --slots S`: the model in one process, N front processes of RQ slots over it."""
-    proc = processes.start(["worker", "--fronts", str(fronts), "--slots", str(slots), "--name", name],
-                           env.vars(SHALLOW_BACKEND="batched", SHALLOW_MAX_NEW_TOKENS="160"), name)
-    conn = env.redis.client()
-    per = -(-slots // fronts)
-    # a front of one slot is a plain worker, named as the supervisor names its processes
-    names = {f"{name}-{i}.{k}" if per > 1 else f"{name}-{i}" for i in range(fronts) for k in range(per)}
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(proc.log_path.read_text()[-3000:])
-        return {w.name for w in Worker.all(connection=conn)} >= names
-
-    wait_for(ready, 180, f"the {fronts} fronts of {name}")
-    pids = {w.pid for w in Worker.all(connection=conn) if w.name in names}
-    return proc, names, pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def test_fronts_run_the_jobs_over_one_model_process(env, processes):
-    proc, names, pids = start_fronts(env, processes, 2, 4, "fr")
-    assert len(pids) == 2 and proc.pid not in pids  # two front processes, neither the one that holds the model
-    client = TurnClient(env.settings())
-    subs = [client.chat(f"console:f{i}", f"Tell me about the number {i}.", max_new_tokens=16, ignore_eos=True)
-            for i in range(4)]
-    long = client.chat("console:flong", "Tell me a long story about a clockmaker.", max_new_tokens=150, ignore_eos=True)
-    wait_for(lambda: any(isinstance(e, Chunk) for e in events_of(client, long.job_id)), 120, "the long reply to start")
-    client.cancel(long.job_id)
-    for sub in subs:
-        events = list(client.follow(sub.job_id, timeout=300, poll=0.2))
-        assert isinstance(events[-1], Done) and events[-1].completion_tokens == 16, events[-1]
-        stream = events_of(client, sub.job_id)
-        starts = [e for e in stream if isinstance(e, Start)]
-        assert [e.attempt for e in starts] == [1] and starts[0].worker in names
-        assert "".join(e.text for e in stream if isinstance(e, Chunk)).strip() == events[-1].text
-        assert len(client.store.history(sub.request.channel, Mode.CHAT)) == 2  # written once
-    ended = list(client.follow(long.job_id, timeout=120, poll=0.2))[-1]
-    assert isinstance(ended, Done) and ended.finish_reason == "cancelled" and ended.completion_tokens < 150
-    log = proc.log_path.read_text()
-    assert "2 fronts of 2 slots each" in log and log.count("loaded batched backend") == 1  # one model, in one process
-
-    # SIGTERM to the model process: the fronts finish the reply being written, then everything leaves
-    last = client.chat("console:flast", "Name a colour.", max_new_tokens=30, ignore_eos=True)
-    wait_for(lambda: any(isinstance(e, Chunk) for e in events_of(client, last.job_id)), 120, "the last reply to start")
-    proc.send_signal(signal.SIGTERM)
-    events = list(client.follow(last.job_id, timeout=120, poll=0.2))
-    assert isinstance(events[-1], Done) and events[-1].completion_tokens == 30
-    proc.wait(90)
-    assert proc.returncode == 0
-    wait_for(lambda: not any(alive(p) for p in pids), 30, "the fronts to exit")
-    assert not {w.name for w in Worker.all(connection=client.r)} & names
-
-
-def test_fronts_stop_when_the_model_process_dies(env, processes):
-    proc, names, pids = start_fronts(env, processes, 2, 2, "fd")
-    os.kill(proc.pid, signal.SIGKILL)  # no chance to tell anyone
-    proc.wait(30)
-    wait_for(lambda: not any(alive(p) for p in pids), 60, "the orphaned fronts to stop by themselves")
-    client = TurnClient(env.settings())
-    wait_for(lambda: not {w.name for w in Worker.all(connection=client.r)} & names, 30, "the fronts to deregister")

@@ -40,7 +40,7 @@ def served(model_dir, tmp_path_factory):
 def test_a_front_gets_what_the_model_process_writes(served):
     from worker.remote import RemoteBackend
 
-    local, server, address, key, greedy = served
+    local, _, address, key, greedy = served
     front = RemoteBackend.connect(address, key)
     try:
         assert front.model is None and front.context_tokens == local.context_tokens and front.eos == local.eos
