@@ -307,8 +307,6 @@ def serve(settings: Settings, backend: BatchedBackend, name: str | None) -> int:
 
     from worker.supervisor import supervise
 
-    if not isinstance(backend, BatchedBackend) or backend.engine.__class__.__name__ != "SlotEngine":
-        raise ConfigError("--fronts needs SHALLOW_BACKEND=batched with the slot engine")
     folder = tempfile.mkdtemp(prefix="shallow-engine-")
     address = os.path.join(folder, "engine.sock")
     authkey = os.urandom(16)

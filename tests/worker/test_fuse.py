@@ -41,6 +41,10 @@ def test_models_it_cannot_fuse_are_left_alone(model):
 
     with_adapter = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
     assert fuse_projections(with_adapter) == 0  # an adapter kept beside the weights (the 4-bit mode)
+    inner = with_adapter.base_model.model  # the Llama model inside, its projections wrapped by peft's layers
+    assert inner.config.model_type == "llama" and inner.model.layers
+    assert fuse_projections(inner) == 0
+    assert type(inner.model.layers[0].self_attn).__name__ == "LlamaAttention"  # left as it was
     other = copy.deepcopy(model)
     other.config.model_type = "mistral"
     assert fuse_projections(other) == 0
