@@ -59,9 +59,9 @@ for stage in "$@"; do
       top -b -H -d 3 -n 3 -w 250 -p $wpid > "$out/top-worker-threads.txt" 2>&1 || true
       .gpu/bin/py-spy dump --pid $wpid --nonblocking > "$out/dump-worker.txt" 2>&1 || true
       wait $bpid || true; tail -3 "$out/profile-bench.log" ;;
-    fronts)  # the model in one process, the jobs in FRONTS processes (`--fronts`): the jobs' Python off the engine's lock
-      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \
-        --worker-args "--fronts ${FRONTS:-4} --slots 256" --label "slot engine bf16, ${FRONTS:-4} fronts over one model process" \
+    fronts)  # the model in one process, the jobs in FRONTS processes (`--fronts`): the jobs' Python off the engine's lock (FOURBIT=1: NF4)
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=${FOURBIT:-0} bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \
+        --worker-args "--fronts ${FRONTS:-4} --slots 256" --label "slot engine $([ "${FOURBIT:-0}" = 1 ] && echo 'NF4 + LoRA' || echo bf16), ${FRONTS:-4} fronts over one model process" \
         --json "$out/fronts.json" ;;
     shared)  # two worker processes on one GPU, 128 slots each: two interpreters (and locks) for the same GPU
       SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 bench --channels ${CHANNELS:-16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 9 on the GPU box: `shallow bench train` on the Llama-3.2-1B-shaped checkpoint (random weights, 4-bit
+# base, LoRA r=16), and where the host's time goes in a training step. Usage:
+#   bench/gpu_train.sh OUT_DIR [bench|pyspy|...]
+#     bench   PRESETS (default recipe,default) for STEPS (default 25) steps on EXAMPLES (1024) conversations,
+#             the steady rate after SKIP (5) steps; ARGS: more `shallow train` flags; TAG names the JSON
+#     pyspy   py-spy samples (collapsed stacks) of SECONDS_ (20) seconds of `shallow train` with ARGS once it has
+#             done SKIP (20) of its STEPS (300) steps (NATIVE=1: with C frames), then the top functions (bench.stacks)
+#     long    peak memory with 8 conversations of 2,048 tokens a step (the longest the defaults allow), PRESETS
+# (on the project's GPU machine: source .gpu/env.sh first)
+set -uo pipefail
+out=${1:?OUT_DIR}; shift
+mkdir -p "$out"
+source "$(dirname "$0")/gpu_models.sh"
+export SHALLOW_HOME="$out/home" SHALLOW_LOG_LEVEL=WARNING
+data=$out/finetome-like.jsonl
+[ -f "$data" ] || python -c "from training.synthetic import write_finetome_like as w; w('$data', ${EXAMPLES:-1024}, seed=3407)"
+for stage in "$@"; do
+  echo "== $stage $(date +%T)"
+  case $stage in
+    bench)
+      python -m shared.cli bench train --base-model "$base" --data "$data" --steps ${STEPS:-25} --skip-steps ${SKIP:-5} --presets ${PRESETS:-recipe,default} \
+        --json "$out/bench-${TAG:-train}.json" -- --warmup-steps 5 ${ARGS:-} 2>&1 | grep -v -E "Loading weights|it/s\]|s/it\]" | tail -25 ;;
+    pyspy)  # steady steps only: py-spy attaches once the run has done SKIP (20) steps, for SECONDS (20)
+      log=$out/pyspy-${TAG:-default}.log; n=${STEPS:-300}
+      python -m shared.cli train --base-model "$base" --dataset "$data" --output-dir "$out/run-${TAG:-default}" --no-resume \
+        --save-steps 100000 --max-steps $n --warmup-steps 5 ${ARGS:-} > "$log" 2>&1 & tpid=$!
+      until [ "$(tr '\r' '\n' < "$log" | grep -oE "[0-9]+/$n \[" | tail -1 | cut -d/ -f1)" -ge ${SKIP:-20} ] 2>/dev/null; do
+        kill -0 $tpid 2>/dev/null || break; sleep 0.5; done
+      .gpu/bin/py-spy record --pid $tpid --rate ${RATE:-200} --duration ${SECONDS_:-20} ${NATIVE:+--native} --format raw \
+        --output "$out/train-${TAG:-default}.stacks" > /dev/null 2>&1
+      wait $tpid; tail -c 300 "$log"; echo
+      python -m bench.stacks "$out/train-${TAG:-default}.stacks" --top 45 > "$out/stacks-${TAG:-default}.txt"; gzip -f "$out/train-${TAG:-default}.stacks"
+      head -100 "$out/stacks-${TAG:-default}.txt"; rm -rf "$out/run-${TAG:-default}" ;;
+    long)  # peak memory at the longest steps: 8 conversations of max-seq-length (2,048) tokens each, PRESETS
+      python - "$out/long.jsonl" <<'PY'
+import json, random, sys
+from training.synthetic import WORDS
+rng = random.Random(0)
+with open(sys.argv[1], "w") as f:
+    for _ in range(64):
+        convo = [{"from": "human", "value": " ".join(rng.choices(WORDS, k=40)) + "?"},
+                 {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=2600)) + "."}]
+        f.write(json.dumps({"conversations": convo}) + "\n")
+PY
+      python -m shared.cli bench train --base-model "$base" --data "$out/long.jsonl" --steps ${STEPS:-4} --skip-steps 1 --presets ${PRESETS:-default,nogc} \
+        --json "$out/bench-long.json" -- --warmup-steps 1 ${ARGS:-} 2>&1 | grep -v -E "Loading weights|it/s\]|s/it\]" | tail -6 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
