@@ -351,19 +351,16 @@ def run_direct(backend, settings: Settings, channels: int, turns: int, new_token
 
 
 def registrations_per_worker(worker_args: list[str]) -> int:
-    """RQ workers one `shallow worker ARGS` registers: processes (--processes, --gpus) times slots."""
+    """RQ workers one `shallow worker ARGS` registers: processes (--processes, --gpus) times slots (with
+    `--fronts`, the same slots shared out among the fronts)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--slots", type=int)
     p.add_argument("--processes", type=int)
     p.add_argument("--gpus", default="")
-    p.add_argument("--fronts", type=int)
     known, _ = p.parse_known_args(worker_args)
     gpus = [g for g in known.gpus.split(",") if g.strip()]
     processes = known.processes or max(1, len(gpus))
     slots = max(1, known.slots or int(os.environ.get("SHALLOW_SLOTS") or 1))
-    fronts = known.fronts if known.fronts is not None else int(os.environ.get("SHALLOW_FRONTS") or 0)
-    if fronts > 0:  # the slots are shared among the fronts, rounded up
-        return processes * fronts * -(-slots // fronts)
     return processes * slots
 
 

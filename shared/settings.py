@@ -47,6 +47,20 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def _int_or_auto(name: str, minimum: int = 0) -> int | None:
+    """A whole number, or None for `auto` (or unset): the program picks."""
+    raw = _env(name, "auto").strip().lower()
+    if raw in ("auto", ""):
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number or auto, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
 def _float(name: str, default: float, minimum: float = 0.0) -> float:
     raw = _env(name, str(default))
     try:
@@ -103,7 +117,9 @@ class Settings:
     stop_timeout: int = 60  # on SIGTERM a worker finishes its reply for at most this long (a long reply is ~30 s)
     max_input_chars: int = 2000  # Discord's own message limit; longer is almost always a paste by mistake
     max_title_chars: int = 100
-    fronts: int = 0  # >0: this process holds the model and N front processes run the jobs (worker/remote.py)
+    # >0: this process holds the model and N front processes run the jobs (worker/remote.py); None: auto
+    # (worker.main.resolve_fronts: on CUDA with the slot engine and 32+ slots, one front per 16 slots)
+    fronts: int | None = None
     slots: int = 1  # replies one worker process writes at once (RQ loops in threads over one batched model)
     compile_level: int = 0  # batched backend on CUDA: >0 compiles the slot engine's step (torch.compile); the paged engine's compile level
     cuda_graphs: bool | None = None  # batched backend on CUDA: CUDA graphs (None: on for the slot engine, transformers decides for paged)
@@ -143,7 +159,7 @@ class Settings:
             max_input_chars=_int("SHALLOW_MAX_INPUT_CHARS", cls.max_input_chars, 1),
             max_title_chars=_int("SHALLOW_MAX_TITLE_CHARS", cls.max_title_chars, 1),
             slots=_int("SHALLOW_SLOTS", cls.slots, 1),
-            fronts=_int("SHALLOW_FRONTS", cls.fronts, 0),
+            fronts=_int_or_auto("SHALLOW_FRONTS", 0),
             compile_level=_int("SHALLOW_COMPILE_LEVEL", cls.compile_level, 0),
             cuda_graphs=_tristate("SHALLOW_CUDA_GRAPHS"),
             batch_engine=batch_engine,

@@ -300,6 +300,13 @@ def connect_from_env(settings: Settings) -> RemoteBackend | None:
     return RemoteBackend.connect(address, bytes.fromhex(os.environ.get(ENV_KEY, "")), on_lost=lost)
 
 
+def share_slots(slots: int, fronts: int) -> list[int]:
+    """The slots of each front: all of them shared out, the first fronts taking one more when uneven;
+    never more fronts than slots."""
+    fronts = max(1, min(fronts, slots))
+    return [slots // fronts + (1 if i < slots % fronts else 0) for i in range(fronts)]
+
+
 def serve(settings: Settings, backend: BatchedBackend, name: str | None) -> int:
     """Hold the model, serve its engine on a socket, and run `settings.fronts` front processes over it."""
     import shutil
@@ -311,13 +318,13 @@ def serve(settings: Settings, backend: BatchedBackend, name: str | None) -> int:
     address = os.path.join(folder, "engine.sock")
     authkey = os.urandom(16)
     server = EngineServer(backend, address, authkey)
-    fronts = settings.fronts
-    per_front = -(-max(1, settings.slots) // fronts)
-    env = {ENV_ADDRESS: address, ENV_KEY: authkey.hex(), "SHALLOW_SLOTS": str(per_front), "SHALLOW_FRONTS": "0"}
+    shares = share_slots(max(1, settings.slots), settings.fronts or 1)
+    env = {ENV_ADDRESS: address, ENV_KEY: authkey.hex(), "SHALLOW_FRONTS": "0"}
     base = name or f"{socket.gethostname()}-{os.getpid()}"
-    logger.info("model process %s: %d fronts of %d slots each over %s", base, fronts, per_front, backend.description)
+    logger.info("model process %s: %d fronts (%s slots) over %s", base, len(shares), "+".join(map(str, shares)),
+                backend.description)
     try:
-        return supervise(fronts, [], base, env=env)
+        return supervise(len(shares), [], base, env=env, each=[{"SHALLOW_SLOTS": str(n)} for n in shares])
     finally:
         server.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -18,6 +18,8 @@ import time
 logger = logging.getLogger(__name__)
 
 FATAL_EXIT_CODES = {2, 3}  # bad settings, Redis unreachable, model not found: restarting would fail again
+# how many model processes share this box's CPUs (set for its children; worker.main.resolve_fronts reads it)
+SIBLINGS_ENV = "SHALLOW_MODEL_PROCESSES"
 
 
 def plan(processes: int | None, gpus: list[str]) -> list[dict[str, str]]:
@@ -25,16 +27,18 @@ def plan(processes: int | None, gpus: list[str]) -> list[dict[str, str]]:
     count = processes or max(1, len(gpus))
     out = []
     for i in range(count):
-        env = {}
+        env = {SIBLINGS_ENV: str(count)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         out.append(env)
     return out
 
 
-def supervise(processes: int | None, gpus: list[str], name: str | None = None, env: dict[str, str] | None = None) -> int:
+def supervise(processes: int | None, gpus: list[str], name: str | None = None, env: dict[str, str] | None = None,
+              each: list[dict[str, str]] | None = None) -> int:
     """Run the children until they have all stopped after a signal (or one stopped for good); `env` is
-    added to every child's environment (the fronts of `--fronts`: the engine's address)."""
+    added to every child's environment (the fronts of `--fronts`: the engine's address), `each[i]` to
+    child i's (a front's share of the slots)."""
     base = name or f"{socket.gethostname()}-{os.getpid()}"
     common = env or {}
     children: dict[int, tuple[subprocess.Popen, dict[str, str]]] = {}
@@ -57,7 +61,7 @@ def supervise(processes: int | None, gpus: list[str], name: str | None = None, e
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for i, extra in enumerate(plan(processes, gpus)):
-        spawn(i, extra)
+        spawn(i, {**extra, **(each[i] if each else {})})
     code = 0
     while children:
         time.sleep(0.5)

@@ -128,7 +128,7 @@ def test_an_adapter_folder_without_an_adapter_is_named(env, tmp_path):
 @pytest.mark.parametrize("args, overrides, said", [
     (["worker", "--fronts", "-1"], {}, "--fronts must be 0 or more, got -1"),
     (["worker", "--fronts", "2"], {"SHALLOW_BACKEND": "transformers"}, "--fronts (SHALLOW_FRONTS) needs SHALLOW_BACKEND=batched"),
-    (["worker"], {"SHALLOW_FRONTS": "two"}, "SHALLOW_FRONTS must be a whole number, got 'two'"),
+    (["worker"], {"SHALLOW_FRONTS": "two"}, "SHALLOW_FRONTS must be a whole number or auto, got 'two'"),
 ])
 def test_bad_fronts_settings_are_refused_with_a_clear_message(env, args, overrides, said):
     proc = run_cli(args, env.vars(**overrides), timeout=60)

@@ -15,22 +15,24 @@ from tests.e2e.test_batching import events_of
 pytestmark = pytest.mark.slow
 
 
-def start_fronts(env, processes, fronts: int, slots: int, name: str):
-    """`shallow worker --fronts N --slots S`: the model in one process, N front processes of RQ slots over it."""
-    proc = processes.start(["worker", "--fronts", str(fronts), "--slots", str(slots), "--name", name],
+def start_fronts(env, processes, shares: list[int], name: str):
+    """`shallow worker --fronts N --slots S`: the model in one process, N front processes of RQ slots over it;
+    `shares`: the slots each front is expected to run (all S of them shared out)."""
+    proc = processes.start(["worker", "--fronts", str(len(shares)), "--slots", str(sum(shares)), "--name", name],
                            env.vars(SHALLOW_BACKEND="batched", SHALLOW_MAX_NEW_TOKENS="160"), name)
     conn = env.redis.client()
-    per = -(-slots // fronts)
     # a front of one slot is a plain worker, named as the supervisor names its processes
-    names = {f"{name}-{i}.{k}" if per > 1 else f"{name}-{i}" for i in range(fronts) for k in range(per)}
+    names = {f"{name}-{i}.{k}" if per > 1 else f"{name}-{i}" for i, per in enumerate(shares) for k in range(per)}
 
     def ready():
         if proc.poll() is not None:
             raise AssertionError(proc.log_path.read_text()[-3000:])
         return {w.name for w in Worker.all(connection=conn)} >= names
 
-    wait_for(ready, 180, f"the {fronts} fronts of {name}")
-    pids = {w.pid for w in Worker.all(connection=conn) if w.name in names}
+    wait_for(ready, 180, f"the {len(shares)} fronts of {name}")
+    registered = [w for w in Worker.all(connection=conn) if w.name.startswith(f"{name}-")]
+    assert sorted(w.name for w in registered) == sorted(names)  # every slot, none twice, no more
+    pids = {w.pid for w in registered}
     return proc, names, pids
 
 
@@ -43,7 +45,7 @@ def alive(pid: int) -> bool:
 
 
 def test_fronts_run_the_jobs_over_one_model_process(env, processes):
-    proc, names, pids = start_fronts(env, processes, 2, 4, "fr")
+    proc, names, pids = start_fronts(env, processes, [3, 2], "fr")  # 5 slots: the first front takes one more
     assert len(pids) == 2 and proc.pid not in pids  # two front processes, neither the one that holds the model
     client = TurnClient(env.settings())
     subs = [client.chat(f"console:f{i}", f"Tell me about the number {i}.", max_new_tokens=16, ignore_eos=True)
@@ -62,7 +64,7 @@ def test_fronts_run_the_jobs_over_one_model_process(env, processes):
     ended = list(client.follow(long.job_id, timeout=120, poll=0.2))[-1]
     assert isinstance(ended, Done) and ended.finish_reason == "cancelled" and ended.completion_tokens < 150
     log = proc.log_path.read_text()
-    assert "2 fronts of 2 slots each" in log and log.count("loaded batched backend") == 1  # one model, in one process
+    assert "2 fronts (3+2 slots)" in log and log.count("loaded batched backend") == 1  # one model, in one process
 
     # SIGTERM to the model process: the fronts finish the reply being written, then everything leaves
     last = client.chat("console:flast", "Name a colour.", max_new_tokens=30, ignore_eos=True)
@@ -77,7 +79,7 @@ def test_fronts_run_the_jobs_over_one_model_process(env, processes):
 
 
 def test_fronts_stop_when_the_model_process_dies(env, processes):
-    proc, names, pids = start_fronts(env, processes, 2, 2, "fd")
+    proc, names, pids = start_fronts(env, processes, [1, 1], "fd")
     os.kill(proc.pid, signal.SIGKILL)  # no chance to tell anyone
     proc.wait(30)
     wait_for(lambda: not any(alive(p) for p in pids), 60, "the orphaned fronts to stop by themselves")

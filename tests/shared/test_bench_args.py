@@ -10,7 +10,7 @@ import pytest
     (["--processes", "2", "--slots", "128"], 256),
     (["--gpus", "0,1", "--slots", "8"], 16),
     (["--fronts", "4", "--slots", "256"], 256),
-    (["--fronts", "3", "--slots", "8"], 9),  # 3 fronts of 3 slots: the slots are shared out rounded up
+    (["--fronts", "3", "--slots", "8"], 8),  # 3 fronts of 3, 3 and 2 slots: the slots are shared out
     (["--gpus", "0,1", "--fronts", "2", "--slots", "4"], 8),
 ])
 def test_registrations_per_worker(monkeypatch, args, expected):
