@@ -8,7 +8,8 @@ channel the same fixed prompts, so runs compare. Per turn it records, on the ben
 - time to first token: enqueue -> the first chunk received;
 - model time: what the worker reports it spent in the model (the Done event's model_seconds);
 - pipeline overhead: the turn's whole time (enqueue -> done received) minus queue wait and model time:
-  what Redis, RQ, the job's bookkeeping and the stream add.
+  what Redis, RQ, the job's bookkeeping and the stream add; split by what the worker reports in the done
+  event (RQ's start of the job, the job's work before the model, the last flush) and the rest.
 
 `--direct` loads the backend in this process and measures it alone, with the same prompts.
 """
@@ -56,6 +57,7 @@ class Turn:
     model_seconds: float = 0.0
     tokens: int = 0
     error: str | None = None
+    pipeline_ms: dict = field(default_factory=dict)  # the worker's own split of its time outside the model
 
     @property
     def ttft(self) -> float | None:
@@ -122,6 +124,10 @@ def summarise(mode: str, channels: int, turns_per_channel: int, new_tokens: int,
         return None if v is None else round(v, n)
 
     rates = [t.stream_rate for t in ok if t.stream_rate]
+    extra: dict = {"turns_per_channel": turns_per_channel}
+    split = overhead_split(ok)
+    if split:
+        extra["overhead_split_ms"] = split
     return Row(
         mode=mode,
         channels=channels,
@@ -138,8 +144,40 @@ def summarise(mode: str, channels: int, turns_per_channel: int, new_tokens: int,
         overhead_p50_ms=ms(pct([t.overhead for t in ok], 0.5)),
         overhead_p95_ms=ms(pct([t.overhead for t in ok], 0.95)),
         errors=len(turns) - len(ok),
-        extra={"turns_per_channel": turns_per_channel},
+        extra=extra,
     )
+
+
+SPLIT = ("rq_start", "before_model", "flush")  # what the worker reports (worker.jobs.run_turn), in this order
+
+
+def overhead_split(turns: list[Turn]) -> dict[str, dict[str, float]]:
+    """p50/p95 ms of each part of the overhead the worker measured, and of the rest: the bench's enqueue
+    (client.chat's Redis calls, before RQ's enqueued_at), the commit and the done event reaching the bench."""
+    measured = [t for t in turns if t.overhead is not None and t.pipeline_ms]
+    if not measured:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    parts = {name: [t.pipeline_ms.get(name) for t in measured] for name in SPLIT}
+    parts["rest"] = [t.overhead * 1000 - sum(t.pipeline_ms.get(n) or 0.0 for n in SPLIT) for t in measured]
+    for name, values in parts.items():
+        values = [v for v in values if v is not None]
+        if values:
+            out[name] = {"p50": round(pct(values, 0.5), 1), "p95": round(pct(values, 0.95), 1)}
+    return out
+
+
+def split_table(rows: list[Row]) -> str:
+    """Where the overhead went, per row that has the worker's split (end-to-end rows)."""
+    names = [*SPLIT, "rest"]
+    lines = ["| channels | " + " | ".join(f"{n} p50 / p95 ms" for n in names) + " |", "|" + "---|" * (len(names) + 1)]
+    for row in rows:
+        split = row.extra.get("overhead_split_ms")
+        if not split:
+            continue
+        cells = [f"{split[n]['p50']:.1f} / {split[n]['p95']:.1f}" if n in split else "-" for n in names]
+        lines.append(f"| {row.channels} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 COLUMNS = [
@@ -242,6 +280,7 @@ class StreamReader:
                         turn.first_token = now
                     elif isinstance(event, Done):
                         turn.done, turn.tokens, turn.model_seconds = now, event.completion_tokens, event.model_seconds
+                        turn.pipeline_ms = dict(event.pipeline_ms)
                         self._finish(job_id)
                         break
                     elif isinstance(event, Error):
@@ -480,6 +519,10 @@ def main(argv: list[str], settings: Settings) -> int:
     if args.label:
         print(f"{args.label}:")
     print(table(rows))
+    split = split_table(rows)
+    if split:
+        print("\nthe overhead, split (the worker's own figures; rest: the enqueue, the commit, the done event's delivery):")
+        print(split)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))

@@ -248,6 +248,8 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
     rt = runtime()
     job = get_current_job()
     job_id = job.id if job else str(payload.get("job_id", "unknown"))
+    entered = time.monotonic()
+    rq_start = _since(job.started_at) if job is not None and job.started_at else None
     stream = Stream(rt, job_id)
     try:
         req = TurnRequest.from_json(payload)
@@ -267,8 +269,14 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     stream.open()
     try:
-        done = _generate(rt, req, stream, attempt)
+        done = _generate(rt, req, stream, attempt, entered)
+        flushed = time.monotonic()
         stream.flush()  # every chunk is in the stream before the done event
+        timings = dict(done.pipeline_ms)
+        timings["flush"] = round(timings.get("flush", 0.0) + (time.monotonic() - flushed) * 1000, 2)
+        if rq_start is not None:
+            timings["rq_start"] = round(rq_start * 1000, 2)
+        done = replace(done, pipeline_ms=timings)
     except Exception:
         logger.exception("job %s: generation failed (attempt %d)", req.job_id, attempt)
         if final_attempt:
@@ -296,7 +304,18 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
     return {"text": done.text, "choices": done.choices, "completion_tokens": done.completion_tokens}
 
 
-def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int) -> Done:
+def _since(started) -> float | None:
+    """Seconds since RQ's `started_at` (a UTC datetime) on this machine's clock; None if it cannot tell."""
+    from datetime import datetime, timezone
+
+    try:
+        start = started if started.tzinfo else started.replace(tzinfo=timezone.utc)
+        return max(0.0, (datetime.now(timezone.utc) - start).total_seconds())
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int, entered: float | None = None) -> Done:
     s = rt.settings
     backend = rt.backend
     max_new = min(req.max_new_tokens or s.generation.max_new_tokens, s.generation.max_new_tokens)
@@ -349,6 +368,9 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int) -> Do
             completion_tokens += extra
             send()
     model_seconds = time.monotonic() - started - pipeline_seconds
+    timings = {"flush": round(pipeline_seconds * 1000, 2)}
+    if entered is not None:
+        timings["before_model"] = round((started - entered) * 1000, 2)
     return Done(
         text="".join(parts).strip(),
         prompt_tokens=gen.prompt_tokens,
@@ -357,6 +379,7 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int) -> Do
         finish_reason=gen.finish_reason,
         attempt=attempt,
         model_seconds=round(model_seconds, 4),
+        pipeline_ms=timings,
     )
 
 
