@@ -36,12 +36,12 @@ def _tristate(name: str) -> bool | None:
     raise ConfigError(f"{name} must be auto, 1 or 0, got {raw!r}")
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
-    raw = _env(name, str(default))
+def _int(name: str, default: int, minimum: int = 0, *, raw: str | None = None, what: str = "a whole number") -> int:
+    raw = _env(name, str(default)) if raw is None else raw
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
@@ -52,13 +52,7 @@ def _int_or_auto(name: str, minimum: int = 0) -> int | None:
     raw = _env(name, "auto").strip().lower()
     if raw in ("auto", ""):
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number or auto, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
+    return _int(name, 0, minimum, raw=raw, what="a whole number or auto")
 
 
 def _float(name: str, default: float, minimum: float = 0.0) -> float:
