@@ -263,7 +263,7 @@ def _load(cfg: TrainConfig, base: str, unsloth: bool):
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one training run; returns its record (also written to OUTPUT/run.json)."""
     import torch
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from training.data import load_conversations
 
@@ -302,50 +302,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         data = data.map(render, remove_columns=["messages"])
         eval_data = eval_data.map(render, remove_columns=["messages"]) if eval_data is not None else None
 
-    cuda = torch.cuda.is_available()
-    optim = cfg.optim
-    if (optim.endswith("_8bit") or optim == "adamw_torch_fused") and not cuda:
-        logger.info("%s is for CUDA here; using adamw_torch", optim)
-        optim = "adamw_torch"
     evaluating = eval_data is not None
-    args = SFTConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        warmup_steps=cfg.warmup_steps,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        optim=optim,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        eval_strategy=("steps" if cfg.eval_steps else "epoch") if evaluating else "no",
-        eval_steps=cfg.eval_steps,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        fp16=cuda and not torch.cuda.is_bf16_supported(),
-        use_cpu=not cuda,
-        max_length=cfg.max_seq_length,
-        assistant_only_loss=not unsloth,
-        dataset_text_field="text",
-        # padding-free batches have no padding and no attention mask, and "non_padding" would then skip every
-        # token equal to the pad id (the end-of-turn token of models that pad with it): count them all
-        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
-        packing=cfg.packing,
-        # trl refuses padding-free rows without packing while max_length is set; unsloth, left to choose
-        # (None), moves the cut to its own data preparation and picks padding-free where it is faster (on
-        # H100/H200 always). The transformers backend pads unless packing.
-        padding_free=(None if cfg.padding_free else False) if unsloth else False,
-        dataset_num_proc=cfg.dataset_num_proc,
-        report_to="none",
-        disable_tqdm=False,
-    )
+    args = sft_config(cfg, out, unsloth=unsloth, cuda=torch.cuda.is_available(), evaluating=evaluating)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data, eval_dataset=eval_data, processing_class=tokenizer,
         peft_config=peft_config,
@@ -408,6 +366,58 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     print(f"shallow train: adapter in {out / 'adapter'} ({trainer.state.global_step} steps, "
           f"{record['tokens_per_second']} tokens/s); SHALLOW_ADAPTER={out / 'adapter'} serves it", flush=True)
     return record
+
+
+def sft_config(cfg: TrainConfig, out: Path, *, unsloth: bool, cuda: bool, evaluating: bool):
+    """trl's SFTConfig for this run: the recipe's settings as the Trainer takes them."""
+    import torch
+    from trl import SFTConfig
+
+    optim = cfg.optim
+    if (optim.endswith("_8bit") or optim == "adamw_torch_fused") and not cuda:
+        logger.info("%s is for CUDA here; using adamw_torch", optim)
+        optim = "adamw_torch"
+    return SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        optim=optim,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if evaluating else "no",
+        eval_steps=cfg.eval_steps,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        max_length=cfg.max_seq_length,
+        assistant_only_loss=not unsloth,
+        dataset_text_field="text",
+        # padding-free batches have no padding and no attention mask, and "non_padding" would then skip every
+        # token equal to the pad id (the end-of-turn token of models that pad with it): count them all
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
+        packing=cfg.packing,
+        # trl refuses padding-free rows without packing while max_length is set; unsloth, left to choose
+        # (None), moves the cut to its own data preparation and picks padding-free where it is faster (on
+        # H100/H200 always). The transformers backend pads unless packing.
+        padding_free=(None if cfg.padding_free else False) if unsloth else False,
+        dataset_num_proc=cfg.dataset_num_proc,
+        report_to="none",
+        disable_tqdm=False,
+        # trl turns the Trainer's gradient checkpointing on by default: off only when asked, so that
+        # `--gradient-checkpointing false` means it (unsloth's own mode is set on the model, _load)
+        gradient_checkpointing=checkpointing_mode(cfg.gradient_checkpointing) is not False,
+    )
 
 
 def _peak_memory() -> int:

@@ -230,3 +230,14 @@ def test_gradient_checkpointing_takes_three_modes_from_flags_and_yaml(tmp_path):
     yaml_bad.write_text("gradient_checkpointing: maybe\n")  # argparse does not check a YAML value against its choices
     with pytest.raises(ConfigError, match="unsloth, true or false"):
         parse_config(["--config", str(yaml_bad)])
+
+
+@pytest.mark.parametrize("mode, on", [("true", True), ("unsloth", True), ("false", False)])
+def test_the_trainer_checkpoints_gradients_only_when_asked(tmp_path, mode, on):
+    """trl's SFTConfig turns gradient checkpointing on by itself: `--gradient-checkpointing false` must reach it."""
+    from training.train import parse_config, sft_config
+
+    cfg = parse_config(["--gradient-checkpointing", mode])
+    for unsloth in (False, True):
+        args = sft_config(cfg, tmp_path, unsloth=unsloth, cuda=False, evaluating=False)
+        assert args.gradient_checkpointing is on
