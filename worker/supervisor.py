@@ -18,7 +18,8 @@ import time
 logger = logging.getLogger(__name__)
 
 FATAL_EXIT_CODES = {2, 3}  # bad settings, Redis unreachable, model not found: restarting would fail again
-# how many model processes share this box's CPUs (set for its children; worker.main.resolve_fronts reads it)
+# how many model processes share this box's CPUs (set for every child; worker.main.resolve_fronts reads it.
+# The fronts of `--fronts` get it too, and never read it: a front does not choose fronts)
 SIBLINGS_ENV = "SHALLOW_MODEL_PROCESSES"
 
 
