@@ -23,6 +23,9 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
            differ; how fast the box trains when the batch is not held to the lab's)
   sixteen  the defaults with 16 conversations a step in one pass: twice the lab's 8, so twice the tokens
            a step (its loss curve is not the recipe's: half as many steps over the same data)
+  workers  the defaults with the batches collated by 2 DataLoader worker processes
+Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
+runs twice (the second finds the first's compiled kernels).
 
 The first run on a machine compiles GPU kernels for the shapes it meets (Triton's cache, ~/.triton) for
 its first ~100 steps; a later run finds them compiled. For a steady figure run longer and leave out more
@@ -55,10 +58,13 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
     return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
-PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen")
+PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
+    """The `shallow train` flags of a preset, or of presets joined with "+" (their flags one after the other)."""
+    if "+" in name:
+        return [a for part in name.split("+") for a in preset_args(part.strip(), max_len, mean_tokens)]
     if name == "recipe":
         return ["--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "4", "--padding-free", "false",
                 "--optim", "adamw_8bit", "--gradient-checkpointing", "unsloth"]
@@ -79,6 +85,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--packing", "true", "--per-device-train-batch-size", "16", "--gradient-accumulation-steps", "1"]
     if name == "sixteen":
         return ["--per-device-train-batch-size", "16", "--gradient-accumulation-steps", "1"]
+    if name == "workers":
+        return ["--dataloader-num-workers", "2"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 
@@ -118,8 +126,8 @@ def curve_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], grid: 
             "final_gap": round(abs(a[-1][1] - b[-1][1]), 4), "from_share": round(start, 3)}
 
 
-def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_tokens: float) -> dict:
-    run_dir = out / name
+def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_tokens: float, index: int = 0) -> dict:
+    run_dir = out / f"{index}-{name}"
     cmd = [sys.executable, "-m", "shared.cli", "train", "--base-model", args.base_model, "--dataset", str(data),
            "--output-dir", str(run_dir), "--no-resume", "--max-seq-length", str(args.max_seq_length),
            "--save-steps", "100000", "--logging-steps", "1", "--seed", str(args.seed),
@@ -190,6 +198,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: more `shallow train` flags for every preset")
     args = p.parse_args(argv)
     args.train_args = [a for a in args.train_args if a != "--"]
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    for name in names:  # an unknown name is said before anything loads or runs
+        preset_args(name, args.max_seq_length, 1.0)
     args.base_model = resolve_model(args.base_model, Settings.from_env().cache_dir, "base model")
     with tempfile.TemporaryDirectory(prefix="shallow-bench-train-") as tmp:
         out = args.out or Path(tmp)
@@ -203,11 +214,11 @@ def main(argv: list[str]) -> int:
         mean_tokens = sum(min(n, args.max_seq_length) for n in lengths) / len(lengths)
         print(f"bench train: {len(lengths)} conversations, {mean_tokens:.0f} tokens on average", file=sys.stderr, flush=True)
         rows = []
-        for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
+        for index, name in enumerate(names):
             if rows and rows[0]["preset"] == "recipe" and "error" not in rows[0]:  # a conversation's tokens, as trained
                 recipe = rows[0]
                 mean_tokens = recipe["real_tokens"] / min(recipe["steps"] * RECIPE_SEQUENCES, len(lengths) * args.epochs)
-            rows.append(run_preset(name, args, data, out, mean_tokens))
+            rows.append(run_preset(name, args, data, out, mean_tokens, index))
     result: dict = {"conversations": len(lengths), "mean_tokens": round(mean_tokens, 1), "runs": rows}
     print(table(rows, args.skip_steps))
     ok = [r for r in rows if "error" not in r and r["curve"]]
@@ -215,7 +226,7 @@ def main(argv: list[str]) -> int:
         result["loss_gaps"] = {}
         for other in ok[1:]:
             gap = curve_gap(ok[0]["curve"], other["curve"])
-            result["loss_gaps"][other["preset"]] = gap
+            result["loss_gaps"][other["preset"] if other["preset"] not in result["loss_gaps"] else f"{other['preset']} (again)"] = gap
             print(f"loss curves, {ok[0]['preset']} vs {other['preset']}, at the same share of tokens seen: {gap}")
         result["loss_gap"] = result["loss_gaps"][ok[1]["preset"]]
     if args.json:

@@ -41,3 +41,18 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     assert result["loss_gaps"]["default"]["max_abs_gap"] < 0.01, result["loss_gaps"]
     assert set(result["loss_gaps"]["packed"]) == {"mean_abs_gap", "max_abs_gap", "final_gap", "from_share"}
     assert "| recipe |" in proc.stdout and "| default |" in proc.stdout and "| packed |" in proc.stdout
+
+
+def test_presets_join_with_plus_and_an_unknown_one_is_refused_before_anything_runs(tmp_path):
+    from bench.train import preset_args
+
+    assert preset_args("sixteen+nogc", 2048, 500.0) == [
+        "--per-device-train-batch-size", "16", "--gradient-accumulation-steps", "1", "--gradient-checkpointing", "false"]
+    assert preset_args("default+workers", 2048, 500.0) == ["--dataloader-num-workers", "2"]
+    data = write_sharegpt(tmp_path / "pirate.jsonl", 8)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "bench", "train", "--base-model", "/nonexistent/model", "--data", str(data),
+         "--presets", "default,sixteen+quick", "--out", str(tmp_path / "runs")],
+        cwd=ROOT, env=dict(os.environ, SHALLOW_HOME=str(tmp_path / "home")), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "unknown preset 'quick'" in proc.stderr
+    assert not (tmp_path / "runs" / "0-default").exists()  # nothing trained

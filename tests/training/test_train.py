@@ -241,3 +241,14 @@ def test_the_trainer_checkpoints_gradients_only_when_asked(tmp_path, mode, on):
     for unsloth in (False, True):
         args = sft_config(cfg, tmp_path, unsloth=unsloth, cuda=False, evaluating=False)
         assert args.gradient_checkpointing is on
+
+
+def test_dataloader_workers_reach_the_trainer_and_a_negative_count_is_refused(tmp_path):
+    from shared.errors import ConfigError
+    from training.train import parse_config, sft_config
+
+    assert parse_config([]).dataloader_num_workers == 0  # the default: batches collated in the training process
+    args = sft_config(parse_config(["--dataloader-num-workers", "2"]), tmp_path, unsloth=True, cuda=False, evaluating=False)
+    assert args.dataloader_num_workers == 2
+    with pytest.raises(ConfigError, match="0 or more"):
+        parse_config(["--dataloader-num-workers", "-1"])
