@@ -10,12 +10,13 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   recipe   the lab's settings: micro-batch 2 x accumulation 4 (8 conversations an optimizer step), padded,
            bitsandbytes' 8-bit AdamW, unsloth's gradient checkpointing (activations kept in host memory)
   default  `shallow train`'s defaults: the same 8 conversations a step in one pass of 8, padding-free
-           with unsloth (the transformers backend pads), torch's fused AdamW, gradient checkpointing with
-           the checkpoints on the GPU
+           with unsloth (the transformers backend pads), torch's fused AdamW, gradient checkpointing by
+           `auto` (off where the longest step fits the GPU without it: on an H200, not on a T4)
+  gc       the defaults with gradient checkpointing on (checkpoints on the GPU): the defaults before auto
   session4 the defaults of session 4: as default, with the lab's 8-bit AdamW and unsloth's checkpointing
   fused    session4 with torch's fused AdamW (one kernel for all the LoRA tensors, 32-bit states)
   gpuckpt  fused with the checkpoints on the GPU (plain gradient checkpointing): the same as default
-  nogc     the defaults without gradient checkpointing (more memory, less compute)
+  nogc     the defaults without gradient checkpointing (more memory, less compute), whatever auto picks
   packed   trl's best-fit packing, padding-free, into rows of --max-seq-length tokens; as many rows a
            step as carry about the recipe's tokens per step (measured by the recipe run when it ran
            first), no accumulation
@@ -58,7 +59,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
     return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
-PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers")
+PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -74,6 +75,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--optim", "adamw_8bit", "--gradient-checkpointing", "unsloth"]
     if name == "nogc":
         return ["--gradient-checkpointing", "false"]
+    if name == "gc":
+        return ["--gradient-checkpointing", "true"]
     if name == "fused":
         return ["--optim", "adamw_torch_fused", "--gradient-checkpointing", "unsloth"]
     if name == "gpuckpt":

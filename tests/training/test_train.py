@@ -213,7 +213,7 @@ def test_the_defaults_take_the_labs_8_conversations_a_step_in_one_pass():
 
     cfg = parse_config([])
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (8, 1)
-    assert cfg.padding_free and cfg.gradient_checkpointing == "true" and not cfg.packing
+    assert cfg.padding_free and cfg.gradient_checkpointing == "auto" and not cfg.packing
     assert cfg.optim == "adamw_torch_fused"
 
 
@@ -252,3 +252,27 @@ def test_dataloader_workers_reach_the_trainer_and_a_negative_count_is_refused(tm
     assert args.dataloader_num_workers == 2
     with pytest.raises(ConfigError, match="0 or more"):
         parse_config(["--dataloader-num-workers", "-1"])
+
+
+def test_auto_checkpointing_is_off_only_where_the_longest_step_fits_the_gpu():
+    from training.train import activation_bytes, checkpointing_needed
+
+    llama1b = (16, 2048, 8192)  # layers, hidden, intermediate of Llama-3.2-1B
+    gib = 2**30
+    # the measured H200 peaks without checkpointing (15.7 GiB at 5,883 tokens a step, 33.3 at 10,767) are under
+    # the estimate, which must never promise less than was seen
+    assert activation_bytes(*llama1b, 5883) > 15.7 * gib and activation_bytes(*llama1b, 10767) > 33.3 * gib
+    worst = 8 * 2048  # the defaults' longest step: 8 conversations of --max-seq-length tokens
+    assert not checkpointing_needed(*llama1b, worst, int(139.8 * gib))  # an H200: off
+    assert checkpointing_needed(*llama1b, worst, 80 * gib)  # an 80 GB card: on at 2,048 tokens ...
+    assert not checkpointing_needed(*llama1b, 8 * 1024, 80 * gib)  # ... off at 1,024
+    assert checkpointing_needed(*llama1b, worst, 15 * gib)  # a T4: on
+    assert checkpointing_needed(*llama1b, 16 * 2048, int(139.8 * gib))  # 16 a step at 2,048 on the H200: on
+
+
+def test_auto_checkpointing_keeps_it_on_without_cuda_and_leaves_a_given_mode(model_dir):
+    from training.train import parse_config, resolve_checkpointing
+
+    assert resolve_checkpointing(parse_config([]), model_dir) == "true"  # no CUDA here
+    for mode in ("true", "false", "unsloth"):
+        assert resolve_checkpointing(parse_config(["--gradient-checkpointing", mode]), model_dir) == mode
