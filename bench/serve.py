@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timezone
 from pathlib import Path
 
 from shared.errors import ConfigError
@@ -50,6 +51,9 @@ PROMPTS = [
 class Turn:
     channel: int
     enqueued: float = 0.0
+    enqueued_wall: float = 0.0  # time.time() at `enqueued`: compared with RQ's enqueued_at and the worker's sent_at
+    done_wall: float | None = None  # time.time() as the done event arrived
+    enqueue_ms: float | None = None  # enqueued -> RQ's enqueued_at (the client's session checks and its enqueue)
     started: float | None = None  # the worker's start event received (direct: the request made)
     first_token: float | None = None
     done: float | None = None
@@ -149,17 +153,27 @@ def summarise(mode: str, channels: int, turns_per_channel: int, new_tokens: int,
 
 
 SPLIT = ("rq_start", "before_model", "flush")  # what the worker reports (worker.jobs.run_turn), in this order
+# and what the bench works out with the wall clock it shares with the worker (same host): the enqueue (the
+# client's session checks and RQ's enqueue, up to RQ's enqueued_at), and the commit (the worker's sent_at ->
+# the done event read by the bench: the commit's transaction and the event's delivery)
+CLOCKED = ("enqueue", "commit")
 
 
 def overhead_split(turns: list[Turn]) -> dict[str, dict[str, float]]:
-    """p50/p95 ms of each part of the overhead the worker measured, and of the rest: the bench's enqueue
-    (client.chat's Redis calls, before RQ's enqueued_at), the commit and the done event reaching the bench."""
+    """p50/p95 ms of each part of the overhead the worker measured, of the enqueue and the commit, and of
+    the rest (the job's end after the model's last piece, RQ's time between enqueued_at and started_at that
+    is not queueing, and what the clocks do not tell apart)."""
     measured = [t for t in turns if t.overhead is not None and t.pipeline_ms]
     if not measured:
         return {}
     out: dict[str, dict[str, float]] = {}
     parts = {name: [t.pipeline_ms.get(name) for t in measured] for name in SPLIT}
-    parts["rest"] = [t.overhead * 1000 - sum(t.pipeline_ms.get(n) or 0.0 for n in SPLIT) for t in measured]
+    parts["enqueue"] = [t.enqueue_ms for t in measured]
+    parts["commit"] = [(t.done_wall * 1000 - t.pipeline_ms["sent_at"]) if t.done_wall and "sent_at" in t.pipeline_ms
+                       else None for t in measured]
+    parts["rest"] = [t.overhead * 1000 - sum(v for v in (*(t.pipeline_ms.get(n) for n in SPLIT), parts["enqueue"][i],
+                                                         parts["commit"][i]) if v is not None)
+                     for i, t in enumerate(measured)]
     for name, values in parts.items():
         values = [v for v in values if v is not None]
         if values:
@@ -169,7 +183,7 @@ def overhead_split(turns: list[Turn]) -> dict[str, dict[str, float]]:
 
 def split_table(rows: list[Row]) -> str:
     """Where the overhead went, per row that has the worker's split (end-to-end rows)."""
-    names = [*SPLIT, "rest"]
+    names = [*SPLIT, *CLOCKED, "rest"]
     lines = ["| channels | " + " | ".join(f"{n} p50 / p95 ms" for n in names) + " |", "|" + "---|" * (len(names) + 1)]
     for row in rows:
         split = row.extra.get("overhead_split_ms")
@@ -280,6 +294,7 @@ class StreamReader:
                         turn.first_token = now
                     elif isinstance(event, Done):
                         turn.done, turn.tokens, turn.model_seconds = now, event.completion_tokens, event.model_seconds
+                        turn.done_wall = time.time()
                         turn.pipeline_ms = dict(event.pipeline_ms)
                         self._finish(job_id)
                         break
@@ -322,7 +337,7 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
             for k in range(turns):
                 turn = Turn(channel=i)
                 prompt = PROMPTS[(i + k) % len(PROMPTS)]
-                turn.enqueued = time.perf_counter()
+                turn.enqueued, turn.enqueued_wall = time.perf_counter(), time.time()
                 try:
                     sub = client.chat(channel, prompt, user="bench", max_new_tokens=new_tokens, ignore_eos=True)
                 except Exception as exc:  # counted and shown, the run goes on
@@ -345,6 +360,8 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
         job = Job.fetch(job_id, connection=client.r, serializer=JSONSerializer)
         if job.enqueued_at and job.started_at:
             turn.queue_wait = max(0.0, (job.started_at - job.enqueued_at).total_seconds())
+            enqueued_at = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=timezone.utc)
+            turn.enqueue_ms = (enqueued_at.timestamp() - turn.enqueued_wall) * 1000
         if job.worker_name:  # slots are named PROCESS.K: count the turns each worker process served
             process = job.worker_name.rsplit(".", 1)[0] if job.worker_name.rsplit(".", 1)[-1].isdigit() else job.worker_name
             per_process[process] = per_process.get(process, 0) + 1
@@ -521,7 +538,7 @@ def main(argv: list[str], settings: Settings) -> int:
     print(table(rows))
     split = split_table(rows)
     if split:
-        print("\nthe overhead, split (the worker's own figures; rest: the enqueue, the commit, the done event's delivery):")
+        print("\nthe overhead, split (the worker's own figures; the enqueue and the commit by the wall clock the bench shares with it):")
         print(split)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

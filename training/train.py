@@ -109,8 +109,9 @@ class TrainConfig:
                           "no padding computed, each conversation still attends only to itself"},
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "processes that prepare (tokenize, pack) the data"})
-    dataloader_num_workers: int = field(
-        default=0, metadata={"help": "processes that collate the batches while the GPU trains (0: the training process)"})
+    dataloader_num_workers: int | None = field(
+        default=None, metadata={"help": "processes that collate the batches while the GPU trains (0: the training "
+                                        "process; default: 2 with CUDA, 0 without)"})
     padding_free: bool = field(
         default=True,
         metadata={"help": "unsloth: a batch's conversations end to end in one row, no padding (same loss as padded); "
@@ -138,7 +139,7 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: s
     if hasattr(cfg, "gradient_checkpointing"):  # a YAML value skips argparse's choices: checked here
         mode = checkpointing_mode(cfg.gradient_checkpointing)
         cfg.gradient_checkpointing = mode if isinstance(mode, str) else str(mode).lower()
-    if getattr(cfg, "dataloader_num_workers", 0) < 0:
+    if (getattr(cfg, "dataloader_num_workers", None) or 0) < 0:
         raise ConfigError(f"--dataloader-num-workers must be 0 or more, not {cfg.dataloader_num_workers}")
     return cfg
 
@@ -418,13 +419,21 @@ def sft_config(cfg: TrainConfig, out: Path, *, unsloth: bool, cuda: bool, evalua
         # H100/H200 always). The transformers backend pads unless packing.
         padding_free=(None if cfg.padding_free else False) if unsloth else False,
         dataset_num_proc=cfg.dataset_num_proc,
-        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_num_workers=collating_workers(cfg, cuda),
         report_to="none",
         disable_tqdm=False,
         # trl turns the Trainer's gradient checkpointing on by default: off only when asked, so that
         # `--gradient-checkpointing false` means it (unsloth's own mode is set on the model, _load)
         gradient_checkpointing=checkpointing_mode(cfg.gradient_checkpointing) is not False,
     )
+
+
+def collating_workers(cfg: TrainConfig, cuda: bool) -> int:
+    """--dataloader-num-workers, or by default 2 with CUDA: there the training process is the bottleneck (it
+    launches the kernels: the host profile in the README) and collating the batches elsewhere takes that work off it."""
+    if cfg.dataloader_num_workers is not None:
+        return cfg.dataloader_num_workers
+    return 2 if cuda else 0
 
 
 def _peak_memory() -> int:

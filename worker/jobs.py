@@ -285,6 +285,9 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
         raise  # RQ retries it while retries are left
     finally:
         stream.close()
+    # this host's wall clock as the reply is committed with its done event: a follower on the same host
+    # (`shallow bench`) tells the commit and the event's delivery apart from the rest of its wait
+    done = replace(done, pipeline_ms={**done.pipeline_ms, "sent_at": round(time.time() * 1000, 1)})
     committed = rt.store.commit_reply(
         channel=req.channel,
         mode=req.mode,

@@ -102,10 +102,10 @@ def test_bench_runs_end_to_end_and_direct(env, tmp_path):
         assert r["errors"] == 0 and r["tokens"] == 8 * r["channels"] and r["tokens_per_s"] > 0
         assert r["ttft_p50_s"] > 0 and r["overhead_p50_ms"] is not None and r["queue_wait_p50_s"] is not None
         split = r["extra"]["overhead_split_ms"]  # the worker's own figures, and what is left of the overhead
-        assert set(split) == {"rq_start", "before_model", "flush", "rest"}, split
-        assert all(split[k]["p50"] >= 0 for k in ("rq_start", "before_model", "flush"))
+        assert set(split) == {"rq_start", "before_model", "flush", "enqueue", "commit", "rest"}, split
+        assert all(split[k]["p50"] >= 0 for k in ("rq_start", "before_model", "flush", "enqueue", "commit"))
         assert split["before_model"]["p50"] > 0  # the job reads its history and fits its prompt before the model
-    assert "| end-to-end | 3 |" in proc.stdout and "before_model p50 / p95 ms" in proc.stdout
+    assert "| end-to-end | 3 |" in proc.stdout and "before_model p50 / p95 ms" in proc.stdout and "commit p50 / p95 ms" in proc.stdout
     direct = subprocess.run([*base, "--direct", "--channels", "2", "--json", str(out)],
                             env=environ, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert direct.returncode == 0, direct.stderr[-3000:]

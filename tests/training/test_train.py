@@ -247,9 +247,16 @@ def test_dataloader_workers_reach_the_trainer_and_a_negative_count_is_refused(tm
     from shared.errors import ConfigError
     from training.train import parse_config, sft_config
 
-    assert parse_config([]).dataloader_num_workers == 0  # the default: batches collated in the training process
-    args = sft_config(parse_config(["--dataloader-num-workers", "2"]), tmp_path, unsloth=True, cuda=False, evaluating=False)
-    assert args.dataloader_num_workers == 2
+    from training.train import collating_workers
+
+    default = parse_config([])
+    assert collating_workers(default, cuda=True) == 2 and collating_workers(default, cuda=False) == 0
+    # by default 2 collating processes with CUDA (where the training process is the bottleneck), none without
+    assert sft_config(default, tmp_path, unsloth=False, cuda=False, evaluating=False).dataloader_num_workers == 0
+    args = sft_config(parse_config(["--dataloader-num-workers", "3"]), tmp_path, unsloth=True, cuda=False, evaluating=False)
+    assert args.dataloader_num_workers == 3
+    assert sft_config(parse_config(["--dataloader-num-workers", "0"]), tmp_path, unsloth=False, cuda=False,
+                      evaluating=False).dataloader_num_workers == 0
     with pytest.raises(ConfigError, match="0 or more"):
         parse_config(["--dataloader-num-workers", "-1"])
 
