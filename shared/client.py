@@ -192,17 +192,20 @@ class TurnClient:
             self.store.release_turn(channel, current)
             if self.store.claim_turn(channel, request.job_id, hold) is not None:
                 raise ChannelBusy("Another message got here first; try again in a moment.", current)
-        self.queue.enqueue(
-            JOB_FUNCTION,
-            request.to_json(),
-            job_id=request.job_id,
-            job_timeout=s.job_timeout,
-            retry=Retry(max=s.job_retries, enqueue_at_front=True) if s.job_retries else None,
-            result_ttl=s.stream_ttl,
-            failure_ttl=s.session_ttl,
-            description=f"{session.mode.value} turn in {channel}",
-        )
-        self.store.touch(channel)
+        with self.r.pipeline() as p:  # the job and the session's new lease in one transaction, one round trip
+            self.queue.enqueue(
+                JOB_FUNCTION,
+                request.to_json(),
+                job_id=request.job_id,
+                job_timeout=s.job_timeout,
+                retry=Retry(max=s.job_retries, enqueue_at_front=True) if s.job_retries else None,
+                result_ttl=s.stream_ttl,
+                failure_ttl=s.session_ttl,
+                description=f"{session.mode.value} turn in {channel}",
+                pipeline=p,
+            )
+            self.store.touch(channel, pipeline=p)
+            p.execute()
         logger.info("enqueued job %s: %s turn in %s", request.job_id, session.mode.value, channel)
         return Submitted(job_id=request.job_id, request=request, session=session)
 

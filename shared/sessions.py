@@ -75,7 +75,10 @@ class SessionStore:
         return Mode(raw.decode()) if raw else Mode.CHAT
 
     def get(self, channel: str, mode: Mode) -> Session | None:
-        data = self.r.hgetall(_key(channel, mode.value))
+        return self._session(channel, mode, self.r.hgetall(_key(channel, mode.value)))
+
+    @staticmethod
+    def _session(channel: str, mode: Mode, data: dict) -> Session | None:
         if not data or b"id" not in data:
             return None
         d = {k.decode(): v.decode() for k, v in data.items()}
@@ -113,9 +116,11 @@ class SessionStore:
 
     def chat(self, channel: str) -> Session:
         """The channel's chat session, created on first use; the channel's mode becomes chat."""
-        session = self.get(channel, Mode.CHAT) or self._create(channel, Mode.CHAT)
-        self.r.set(_key(channel, "mode"), Mode.CHAT.value, ex=self.ttl)
-        return session
+        with self.r.pipeline(transaction=False) as p:  # one round trip: a bot's every message comes this way
+            p.hgetall(_key(channel, Mode.CHAT.value))
+            p.set(_key(channel, "mode"), Mode.CHAT.value, ex=self.ttl)
+            data, _ = p.execute()
+        return self._session(channel, Mode.CHAT, data) or self._create(channel, Mode.CHAT)
 
     def start_story(self, channel: str, title: str) -> Session:
         """A new story in the channel, replacing any story there; the channel's mode becomes story."""
@@ -140,13 +145,16 @@ class SessionStore:
         self.r.delete(*sessions, *(k + ":turns" for k in sessions), _key(channel, "mode"))
         return had
 
-    def touch(self, channel: str) -> None:
-        with self.r.pipeline() as p:
+    def touch(self, channel: str, pipeline: redis.client.Pipeline | None = None) -> None:
+        """Keep the channel's keys another session TTL; into `pipeline` (the caller executes it) when given."""
+        with self.r.pipeline() as own:
+            p = pipeline if pipeline is not None else own
             for m in Mode:
                 p.expire(_key(channel, m.value), self.ttl)
                 p.expire(_key(channel, m.value, "turns"), self.ttl)
             p.expire(_key(channel, "mode"), self.ttl)
-            p.execute()
+            if pipeline is None:
+                own.execute()
 
     # --- one turn at a time --------------------------------------------------------------------
 
