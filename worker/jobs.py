@@ -257,12 +257,15 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
         logger.warning("job %s: refused payload: %s", job_id, exc)
         stream.emit(Error(code="bad_request", message=f"This request could not be read: {exc}"))
         return {"error": str(exc)}
-    if rt.connection.exists(done_key(req.job_id)):
+    with rt.connection.pipeline(transaction=False) as p:  # one round trip; an attempt counted for nothing is harmless
+        p.exists(done_key(req.job_id))
+        p.incr(f"shallow:attempt:{req.job_id}")
+        p.expire(f"shallow:attempt:{req.job_id}", rt.settings.stream_ttl)
+        already, attempt, _ = p.execute()
+    if already:
         logger.info("job %s: reply already committed; nothing to do", req.job_id)
         return {"status": "already_done"}
-
-    attempt = int(rt.connection.incr(f"shallow:attempt:{req.job_id}"))
-    rt.connection.expire(f"shallow:attempt:{req.job_id}", rt.settings.stream_ttl)
+    attempt = int(attempt)
     final_attempt = job is None or not job.retries_left
     stream.emit(Start(attempt=attempt, worker=job.worker_name if job and job.worker_name else rt.name))
     logger.info("job %s: %s turn in %s (attempt %d)", req.job_id, req.mode.value, req.channel, attempt)
