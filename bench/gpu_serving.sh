@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving benchmark of issue 8 on a GPU box with no hub: a Llama-3.2-1B-shaped checkpoint with random
 # weights and a random LoRA adapter, then `shallow bench` in each serving mode. Usage:
-#   bench/gpu_serving.sh OUT_DIR [baseline|fourbit|slots|slots4bit|compiled|int8|batched|direct|graphs|static|gpus|fronts|shared|sigterm|profile ...]
+#   bench/gpu_serving.sh OUT_DIR [baseline|fourbit|slots|slots4bit|compiled|batched|direct|graphs|static|gpus|fronts|shared|sigterm|profile ...]
 # (on the project's GPU machine: source .gpu/env.sh first; .gpu/make_llama1b.py builds the checkpoint)
 set -euo pipefail
 out=${1:?OUT_DIR}; shift
@@ -28,12 +28,6 @@ for stage in "$@"; do
       [ "${E2E:-0}" = 1 ] && SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 SHALLOW_COMPILE_LEVEL=1 bench --channels ${CHANNELS:-1,16,64,256} \
         --turns ${TURNS:-2} --worker-args "--slots ${SLOTS:-256}" --label "slot engine bf16 merged LoRA, torch.compile, ${SLOTS:-256} slots, end to end" \
         --json "$out/compiled.json" || true ;;
-    int8)  # the merged model's weights in int8 (SHALLOW_WEIGHTS=int8, torchao), step compiled (COMPILE, default 1): alone, then end to end (SLOTS)
-      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 SHALLOW_WEIGHTS=int8 SHALLOW_SLOTS=${SLOTS:-256} SHALLOW_COMPILE_LEVEL=${COMPILE:-1} bench --direct \
-        --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --label "slot engine int8 weights, compile ${COMPILE:-1}, direct" --json "$out/int8-direct.json"
-      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 SHALLOW_WEIGHTS=int8 SHALLOW_COMPILE_LEVEL=${COMPILE:-1} bench --channels ${CHANNELS:-1,16,64,256} \
-        --turns ${TURNS:-2} --worker-args "--slots ${SLOTS:-256}" --label "slot engine int8 weights, compile ${COMPILE:-1}, ${SLOTS:-256} slots, end to end" \
-        --json "$out/int8.json" ;;
     slots4bit)  # the slot engine with the design card's model: NF4 base + LoRA adapter
       SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=1 SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
         --label "slot engine NF4 + LoRA, direct" --json "$out/slots4bit-direct.json"

@@ -119,7 +119,6 @@ class Settings:
     cuda_graphs: bool | None = None  # batched backend on CUDA: CUDA graphs (None: on for the slot engine, transformers decides for paged)
     batch_engine: str = "slots"  # batched backend: slots (static cache, CUDA graphs) or paged (transformers' continuous batching)
     static_cache: bool = False  # transformers backend, bf16 on CUDA: static KV cache (+ torch.compile) per reply
-    weights: str = "full"  # slot engine, merged model: full (bf16 on CUDA, fp32 on CPU) or int8 (worker/quantize.py)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     @classmethod
@@ -132,9 +131,6 @@ class Settings:
         batch_engine = _env("SHALLOW_BATCH_ENGINE", cls.batch_engine).lower()
         if batch_engine not in ("slots", "paged"):
             raise ConfigError(f"SHALLOW_BATCH_ENGINE must be slots or paged, got {batch_engine!r}")
-        weights = _env("SHALLOW_WEIGHTS", cls.weights).lower()
-        if weights not in ("full", "int8"):
-            raise ConfigError(f"SHALLOW_WEIGHTS must be full or int8, got {weights!r}")
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
             queue=_env("SHALLOW_QUEUE", cls.queue),
@@ -162,7 +158,6 @@ class Settings:
             cuda_graphs=_tristate("SHALLOW_CUDA_GRAPHS"),
             batch_engine=batch_engine,
             static_cache=_env("SHALLOW_STATIC_CACHE", "0").lower() in ("1", "true", "yes"),
-            weights=weights,
             generation=GenerationSettings.from_env(),
         )
 

@@ -317,9 +317,6 @@ def pick_backend(settings: Settings) -> str:
 def load_backend(settings: Settings) -> Backend:
     """The backend that SHALLOW_BACKEND names, loaded once; `auto` takes unsloth when it can."""
     choice = pick_backend(settings)
-    if settings.weights == "int8" and (choice != "batched" or settings.batch_engine != "slots"):
-        raise ConfigError("SHALLOW_WEIGHTS=int8 is for the batched backend's slot engine "
-                          "(SHALLOW_BACKEND=batched, SHALLOW_BATCH_ENGINE=slots)")
     if choice == "llamacpp":
         from worker.llamacpp import LlamaCppBackend
 

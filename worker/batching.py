@@ -150,9 +150,6 @@ class BatchedBackend(Backend):
         attention = "sdpa" if settings.batch_engine == "paged" else register_attention()
         kwargs: dict[str, object] = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": attention}
         four_bit = settings.load_in_4bit and device.startswith("cuda")
-        if four_bit and settings.weights == "int8":
-            raise ConfigError("SHALLOW_WEIGHTS=int8 quantizes the merged model, and SHALLOW_LOAD_IN_4BIT=1 keeps an NF4 "
-                              "base with the adapter beside it: set SHALLOW_LOAD_IN_4BIT=0 for int8")
         if four_bit:  # the design card's mode: NF4 base, the adapter kept beside it
             kwargs["quantization_config"] = nf4_config()
         try:
@@ -197,14 +194,9 @@ class BatchedBackend(Backend):
             from worker.fuse import fuse_projections
 
             fused = fuse_projections(model)  # merged Llama weights: q/k/v and gate/up as one product each
-            int8 = 0
-            if settings.weights == "int8":
-                from worker.quantize import quantize_int8
-
-                int8 = quantize_int8(model)  # after fusing: the fused products are quantized whole
             engine = SlotEngine(model, slots, length, cuda_graphs=graphs, pad_id=int(pad or 0), compile=compiled)
             how = (f"slot engine, {engine.cache_bytes / 2**30:.2f} GiB KV cache" + (", CUDA graphs" if engine.use_graphs else "")
-                   + (", q/k/v and gate/up fused" if fused else "") + (f", {int8} layers' weights in int8" if int8 else "")
+                   + (", q/k/v and gate/up fused" if fused else "")
                    + (", torch.compile" if compiled else ""))
         desc = (f"{base}" + (f" + adapter {adapter}" + ("" if four_bit else " (merged)") if adapter else "")
                 + f" on {device}, {slots} slot(s), {'NF4 base' if four_bit else dtype}, {how}")
