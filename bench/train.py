@@ -30,7 +30,11 @@ runs twice (the second finds the first's compiled kernels).
 
 The first run on a machine compiles GPU kernels for the shapes it meets (Triton's cache, ~/.triton) for
 its first ~100 steps; a later run finds them compiled. For a steady figure run longer and leave out more
-steps (`--steps 60 --skip-steps 30`), on a box that has trained before.
+steps (`--steps 60 --skip-steps 30`), on a box that has trained before. Each step's time is kept
+(`step_times` in the JSON: real tokens, seconds), and after the first `--skip-steps` the table gives the
+median step's rate and the stalls: steps slower than twice the median step per token, with the seconds
+they cost beyond it. A steady rate far below the median step's says the run stalled (compiling, most
+often), not that the GPU was slow.
 """
 from __future__ import annotations
 
@@ -104,6 +108,30 @@ def steady_rate(history: list[dict], skip: int = 5) -> float | None:
     return round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
 
 
+def step_times(history: list[dict]) -> list[tuple[int, float]]:
+    """(real tokens, seconds) of each logged interval (each optimizer step with --logging-steps 1)."""
+    points = [(0.0, 0)] + [(h["elapsed_s"], h["num_input_tokens_seen"]) for h in history
+                           if "elapsed_s" in h and "num_input_tokens_seen" in h and "loss" in h]
+    return [(int(n1 - n0), round(t1 - t0, 3)) for (t0, n0), (t1, n1) in zip(points, points[1:])]
+
+
+def step_spread(steps: list[tuple[int, float]], skip: int = 5, stall: float = 2.0) -> dict[str, float | int | None]:
+    """What the steps after the first `skip` were made of: the median step's tokens per second, and the
+    stalls (steps that took more than `stall` x the median step's seconds per token: a kernel compiled for a
+    new shape, a checkpoint written, the host busy elsewhere) with the seconds they cost beyond the median's
+    rate. A run whose steady rate is far below its median step's has stalled: its figure is not the GPU's."""
+    k = min(skip, max(1, len(steps) - 3))
+    rest = [(n, s) for n, s in steps[k:] if n > 0 and s > 0]
+    if not rest:
+        return {"median_step_tokens_per_second": None, "stalled_steps": 0, "stall_seconds": 0.0}
+    per_token = sorted(s / n for n, s in rest)
+    median = per_token[len(per_token) // 2] if len(per_token) % 2 else (
+        (per_token[len(per_token) // 2 - 1] + per_token[len(per_token) // 2]) / 2)
+    stalls = [(n, s) for n, s in rest if s / n > stall * median]
+    return {"median_step_tokens_per_second": round(1 / median, 1), "stalled_steps": len(stalls),
+            "stall_seconds": round(sum(s - n * median for n, s in stalls), 2)}
+
+
 def curve(history: list[dict]) -> list[tuple[float, float]]:
     """(tokens seen, loss) at each logged training step."""
     points = [(float(h["num_input_tokens_seen"]), float(h["loss"])) for h in history
@@ -149,6 +177,7 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
     record = json.loads((run_dir / "run.json").read_text())
     history = json.loads((run_dir / "history.json").read_text())
     points = curve(history)
+    steps = step_times(history)
     return {
         "preset": name,
         "settings": " ".join(preset_args(name, args.max_seq_length, mean_tokens)),
@@ -159,25 +188,29 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "tokens_per_second": record["tokens_per_second"],
         "steady_tokens_per_second": steady_rate(history, args.skip_steps),
         "steady_after_steps": args.skip_steps,
+        **step_spread(steps, args.skip_steps),
         "peak_memory_gib": round(record["peak_memory_bytes"] / 2**30, 2),
         "peak_memory_kind": record["peak_memory_kind"],
         "final_loss": points[-1][1] if points else None,
         "curve": points,
+        "step_times": steps,
     }
 
 
 def table(rows: list[dict], skip: int = 5) -> str:
-    head = (f"| preset | settings | steps | real tokens | tok/s | tok/s after {skip} steps | peak memory GiB | loss at the end |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = (f"| preset | settings | steps | real tokens | tok/s | tok/s after {skip} steps | median step tok/s | stalls (s) "
+            "| peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['settings']} | failed: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['preset']} | {r['settings']} | failed: {r['error'][:120]} | | | | | | | |")
             continue
         steady = f"{r['steady_tokens_per_second']:,}" if r.get("steady_tokens_per_second") else "-"
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        median = f"{r['median_step_tokens_per_second']:,}" if r.get("median_step_tokens_per_second") else "-"
+        stalls = f"{r.get('stalled_steps', 0)} ({r.get('stall_seconds', 0.0)})"
         lines.append(f"| {r['preset']} | {r['settings'] or '(defaults)'} | {r['steps']} | {r['real_tokens']:,} | "
-                     f"{r['tokens_per_second']:,} | {steady} | {r['peak_memory_gib']} ({r['peak_memory_kind']}) | {loss} |")
+                     f"{r['tokens_per_second']:,} | {steady} | {median} | {stalls} | {r['peak_memory_gib']} ({r['peak_memory_kind']}) | {loss} |")
     return "\n".join([head, *lines])
 
 

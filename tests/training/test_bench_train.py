@@ -34,6 +34,8 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
         assert run["steps"] >= 2 and run["tokens_per_second"] > 0
         assert run["peak_memory_gib"] > 0 and len(run["curve"]) == run["steps"]
         assert 0 < run["final_loss"] < 20
+        assert len(run["step_times"]) == run["steps"] and sum(n for n, _ in run["step_times"]) == run["real_tokens"]
+        assert run["median_step_tokens_per_second"] > 0 and run["stalled_steps"] >= 0
     # one epoch each: padded or packed, all trained on exactly the same tokens (padding not counted)
     assert packed["real_tokens"] == default["real_tokens"] == recipe["real_tokens"] > 32 * 20
     # the defaults see the same 8 conversations at each step as the recipe: the same loss, step for step
@@ -56,3 +58,25 @@ def test_presets_join_with_plus_and_an_unknown_one_is_refused_before_anything_ru
         cwd=ROOT, env=dict(os.environ, SHALLOW_HOME=str(tmp_path / "home")), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "unknown preset 'quick'" in proc.stderr
     assert not (tmp_path / "runs" / "0-default").exists()  # nothing trained
+
+
+def test_step_spread_tells_stalls_from_the_steady_rate():
+    """The median step's rate ignores a few stalled steps; the stalls are counted with the time they cost."""
+    from bench.train import step_spread, step_times
+
+    history, t, n = [], 0.0, 0
+    for i in range(12):
+        tokens = 4000 + 100 * (i % 3)
+        seconds = tokens / 40000 * (10 if i in (7, 9) else 1)  # 40k tokens/s, two steps stall 10x
+        t, n = t + seconds, n + tokens
+        history.append({"loss": 1.0, "elapsed_s": round(t, 3), "num_input_tokens_seen": n, "step": i + 1})
+    history.append({"train_runtime": t})  # the Trainer's last record: no loss, left out
+    steps = step_times(history)
+    assert len(steps) == 12 and steps[0][0] == 4000 and abs(steps[0][1] - 0.1) < 0.002
+    spread = step_spread(steps, skip=2)
+    assert abs(spread["median_step_tokens_per_second"] - 40000) < 600
+    assert spread["stalled_steps"] == 2
+    assert abs(spread["stall_seconds"] - 9 * (4100 + 4000) / 40000) < 0.01  # step 8: 4,100 tokens; step 10: 4,000
+    even = step_spread([(4000, 0.1)] * 10, skip=2)
+    assert even["stalled_steps"] == 0 and even["stall_seconds"] == 0.0
+    assert step_spread([], skip=5)["median_step_tokens_per_second"] is None
