@@ -1,0 +1,101 @@
+"""What a chat turn's enqueue costs the client (the bots' `TurnClient.chat`), one at a time and in a burst.
+
+    python -m bench.enqueue_cost --turns 1000 --burst 16,64,256
+
+Starts a redis-server of its own (Unix socket). One at a time: `--turns` chat turns on as many channels,
+and per turn the wall time, the client's CPU time and the Redis commands it sent (counted by the
+server). In a burst: N threads of one process (as `shallow bench` plays N channels) each send one turn
+at the same instant, and each turn's time from the burst's start until its job is in the queue, p50 and
+p95: what `shallow bench`'s enqueue column measures, without a worker or a model. No job is run.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.client import TurnClient
+    from shared.redis_conn import EmbeddedRedis
+    from shared.settings import Settings
+
+    p = argparse.ArgumentParser(prog="python -m bench.enqueue_cost")
+    p.add_argument("--turns", type=int, default=1000)
+    p.add_argument("--burst", default="16,64,256", help="channels that send at the same instant, comma-separated")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="shallow-enqueue-") as tmp:
+        server = EmbeddedRedis(Path(tmp) / "redis")
+        url = server.start()
+        try:
+            import dataclasses
+
+            settings = dataclasses.replace(Settings.from_env(), redis_url=url, queue="enqueue-cost")
+            client = TurnClient(settings)
+            r = client.r
+            text = "Tell me about the sea, and about the ships that sail it."
+            for i in range(20):  # connections opened, code paths warm
+                client.chat(f"warm-{i}", text, max_new_tokens=8)
+
+            def commands() -> dict[str, int]:
+                return {k: v["calls"] for k, v in r.info("commandstats").items()}
+
+            n = args.turns
+            before = commands()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for i in range(n):
+                client.chat(f"one-{i}", text, max_new_tokens=8)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            after = commands()
+            per = {k.removeprefix("cmdstat_"): (v - before.get(k, 0)) / n for k, v in after.items()}
+            per.pop("info", None)  # the counting itself
+            print(f"one at a time, {n} turns: {wall / n * 1000:.2f} ms wall, {cpu / n * 1000:.2f} ms of client CPU and "
+                  f"{sum(per.values()):.1f} Redis commands per turn")
+            print("commands per turn: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.5))
+            sizes = [int(b) for b in args.burst.split(",") if b.strip()]
+            for size in sizes:
+                times = burst(client, size, text)
+                print(f"burst of {size}: enqueued after p50 {pct(times, 50):.1f} ms, p95 {pct(times, 95):.1f} ms, "
+                      f"the last {max(times):.1f} ms")
+            print(f"{client.queue.count} jobs in the queue, of {20 + n + sum(sizes)} sent")
+        finally:
+            server.stop()
+    return 0
+
+
+def burst(client, size: int, text: str) -> list[float]:
+    """`size` threads send one chat turn each at the same instant; ms from that instant to each one's enqueue."""
+    go = threading.Barrier(size + 1)
+    times: list[float] = [0.0] * size
+    errors: list[BaseException] = []
+    start = [0.0]
+
+    def one(i: int) -> None:
+        go.wait()
+        try:
+            client.chat(f"burst-{size}-{i}", text, max_new_tokens=8)
+            times[i] = (time.perf_counter() - start[0]) * 1000
+        except BaseException as exc:  # said below: a failed enqueue is not a fast one
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(size)]
+    for t in threads:
+        t.start()
+    start[0] = time.perf_counter()
+    go.wait()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {size} enqueues failed: {errors[0]!r}")
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

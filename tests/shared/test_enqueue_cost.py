@@ -1,0 +1,20 @@
+"""bench/enqueue_cost.py against a real redis-server of its own: every turn it sends, alone or in a burst, is queued."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_enqueue_cost_sends_every_turn_and_reports_each_burst(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.enqueue_cost", "--turns", "30", "--burst", "4,8"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, SHALLOW_HOME=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    per_turn = re.search(r"one at a time, 30 turns: ([\d.]+) ms wall, ([\d.]+) ms of client CPU and ([\d.]+) Redis commands", out)
+    assert per_turn and float(per_turn.group(1)) > 0 and float(per_turn.group(3)) >= 5, out
+    assert "burst of 4: enqueued after p50" in out and "burst of 8: enqueued after p50" in out
+    assert "62 jobs in the queue, of 62 sent" in out  # 20 warm-up + 30 + 4 + 8: none lost
