@@ -6,7 +6,9 @@ Starts a redis-server of its own (Unix socket). One at a time: `--turns` chat tu
 and per turn the wall time, the client's CPU time and the Redis commands it sent (counted by the
 server). In a burst: N threads of one process (as `shallow bench` plays N channels) each send one turn
 at the same instant, and each turn's time from the burst's start until its job is in the queue, p50 and
-p95: what `shallow bench`'s enqueue column measures, without a worker or a model. No job is run.
+p95: what `shallow bench`'s enqueue column measures, without a worker or a model. No job is run. Each
+burst runs twice: first while redis-py's pool opens a connection for each new thread, then again with
+them open.
 """
 from __future__ import annotations
 
@@ -56,16 +58,19 @@ def main(argv: list[str] | None = None) -> int:
             print("commands per turn: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.5))
             sizes = [int(b) for b in args.burst.split(",") if b.strip()]
             for size in sizes:
-                times = burst(client, size, text)
-                print(f"burst of {size}: enqueued after p50 {pct(times, 50):.1f} ms, p95 {pct(times, 95):.1f} ms, "
-                      f"the last {max(times):.1f} ms")
-            print(f"{client.queue.count} jobs in the queue, of {20 + n + sum(sizes)} sent")
+                for when in ("first", "again"):  # first: the pool opens a connection per thread; again: they are open
+                    opened = r.info("stats")["total_connections_received"]
+                    times = burst(client, size, text, when)
+                    opened = r.info("stats")["total_connections_received"] - opened
+                    print(f"burst of {size} ({when}, {opened} new connections): enqueued after p50 {pct(times, 50):.1f} ms, "
+                          f"p95 {pct(times, 95):.1f} ms, the last {max(times):.1f} ms")
+            print(f"{client.queue.count} jobs in the queue, of {20 + n + 2 * sum(sizes)} sent")
         finally:
             server.stop()
     return 0
 
 
-def burst(client, size: int, text: str) -> list[float]:
+def burst(client, size: int, text: str, tag: str = "") -> list[float]:
     """`size` threads send one chat turn each at the same instant; ms from that instant to each one's enqueue."""
     go = threading.Barrier(size + 1)
     times: list[float] = [0.0] * size
@@ -75,7 +80,7 @@ def burst(client, size: int, text: str) -> list[float]:
     def one(i: int) -> None:
         go.wait()
         try:
-            client.chat(f"burst-{size}-{i}", text, max_new_tokens=8)
+            client.chat(f"burst-{size}-{tag}-{i}", text, max_new_tokens=8)
             times[i] = (time.perf_counter() - start[0]) * 1000
         except BaseException as exc:  # said below: a failed enqueue is not a fast one
             errors.append(exc)

@@ -35,7 +35,7 @@ from shared.protocol import (
     stream_key,
 )
 from shared.redis_conn import connect
-from shared.sessions import Session, SessionStore
+from shared.sessions import Session, SessionStore, TurnView
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ class ReplyText:
         return self.text
 
 
+_NOT_CLAIMED = object()  # _submit's claimed_by when nothing has tried to claim the channel yet
+
+
 class TurnClient:
     def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
         self.settings = settings
@@ -112,17 +115,21 @@ class TurnClient:
     # Each turn method takes an optional job_id: a bot that records "reply owed" before it enqueues
     # (so that a crash in between loses nothing) chooses the id first.
 
+    # A message takes two round trips to Redis: the channel's mode, sessions and the claim of its turn in one
+    # (`SessionStore.open_turn`), then the job with the session's lease (and a new session, or the mode) in
+    # one transaction. (It was four: the mode, the session, the claim, the job; a bot sends every message so.)
+
     def say(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
             job_id: str | None = None) -> Submitted:
         """A message in the channel: a chat turn, or the next action of the channel's story."""
         text = self.clean_text(text)
-        mode = self.store.mode(channel)
-        if mode is Mode.STORY:
-            story = self.store.get(channel, Mode.STORY)
-            if story is not None:
-                return self._submit(channel, story, story_action(text, story.choices), text, user, reply_to, job_id)
-            self.store.set_mode(channel, Mode.CHAT)  # the story expired: back to chat
-        return self._submit(channel, self.store.chat(channel), text, text, user, reply_to, job_id)
+        job_id = job_id or new_id()
+        view = self.store.open_turn(channel, job_id, self._hold())
+        if view.mode is Mode.STORY and view.story is not None:
+            story = view.story
+            return self._submit(channel, story, story_action(text, story.choices), text, user, reply_to, job_id,
+                                claimed_by=view.claimed_by)
+        return self._chat_turn(channel, view, text, user, reply_to, job_id)  # a story that expired: back to chat
 
     def chat(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
              job_id: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False) -> Submitted:
@@ -131,8 +138,23 @@ class TurnClient:
         max_new_tokens (at most the worker's own limit) and ignore_eos fix a reply's length: `shallow bench`.
         """
         text = self.clean_text(text)
-        return self._submit(channel, self.store.chat(channel), text, text, user, reply_to, job_id,
-                            max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+        job_id = job_id or new_id()
+        view = self.store.open_turn(channel, job_id, self._hold())
+        return self._chat_turn(channel, view, text, user, reply_to, job_id, max_new_tokens=max_new_tokens,
+                               ignore_eos=ignore_eos)
+
+    def _chat_turn(self, channel: str, view: TurnView, text: str, user: str | None, reply_to: dict | None, job_id: str,
+                   **limits) -> Submitted:
+        """A chat turn in the channel's chat session; the session is made (with the job) on first use, and
+        the channel's mode becomes chat."""
+        session = view.chat or Session(channel=channel, mode=Mode.CHAT, id=new_id(), created_at=time.time())
+        return self._submit(channel, session, text, text, user, reply_to, job_id, claimed_by=view.claimed_by,
+                            new_session=view.chat is None, set_mode=True, **limits)
+
+    def _hold(self) -> int:
+        """How long a turn's claim of its channel lasts: past every attempt of its job, then it lapses."""
+        s = self.settings
+        return s.job_timeout * (s.job_retries + 1) + 120
 
     def start_story(self, channel: str, title: str | None, *, user: str | None = None, reply_to: dict | None = None,
                     job_id: str | None = None) -> Submitted:
@@ -169,7 +191,10 @@ class TurnClient:
     def _submit(
         self, channel: str, session: Session, text: str, user_text: str, user: str | None, reply_to: dict | None,
         job_id: str | None = None, *, max_new_tokens: int | None = None, ignore_eos: bool = False,
+        claimed_by: str | None | object = _NOT_CLAIMED, new_session: bool = False, set_mode: bool = False,
     ) -> Submitted:
+        """Enqueue the turn. claimed_by: what `open_turn` found (None: the claim is ours), else it is claimed here;
+        new_session: write `session` with the job; set_mode: make `session.mode` the channel's mode with it."""
         s = self.settings
         request = TurnRequest(
             channel=channel,
@@ -184,8 +209,10 @@ class TurnClient:
             max_new_tokens=max_new_tokens,
             ignore_eos=ignore_eos,
         )
-        hold = s.job_timeout * (s.job_retries + 1) + 120  # the claim outlives every attempt, then lapses
-        current = self.store.claim_turn(channel, request.job_id, hold)
+        hold = self._hold()
+        current = self.store.claim_turn(channel, request.job_id, hold) if claimed_by is _NOT_CLAIMED else claimed_by
+        if current == "":  # the holder let go between open_turn's claim and its read: claim again
+            current = self.store.claim_turn(channel, request.job_id, hold)
         if current is not None:
             if not self._settled(current):
                 raise ChannelBusy("The bot is still writing its last reply here; wait for it, or cancel it.", current)
@@ -204,6 +231,10 @@ class TurnClient:
                 description=f"{session.mode.value} turn in {channel}",
                 pipeline=p,
             )
+            if new_session:  # after RQ's commands: it starts the transaction (MULTI) itself
+                self.store.write_new(session, p)
+            elif set_mode:
+                self.store.set_mode(channel, session.mode, pipeline=p)
             self.store.touch(channel, pipeline=p)
             p.execute()
         logger.info("enqueued job %s: %s turn in %s", request.job_id, session.mode.value, channel)

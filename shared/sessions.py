@@ -60,6 +60,16 @@ class Session:
     created_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class TurnView:
+    """What a message needs to know about its channel, read in one round trip (`SessionStore.open_turn`)."""
+
+    mode: Mode
+    chat: Session | None
+    story: Session | None
+    claimed_by: str | None  # None: the turn is ours; else the job holding the channel ("": released meanwhile)
+
+
 class SessionStore:
     def __init__(self, connection: redis.Redis, ttl: int, stream_ttl: int = 3600, stream_maxlen: int = 4000) -> None:
         self.r = connection
@@ -104,15 +114,38 @@ class SessionStore:
 
     def _create(self, channel: str, mode: Mode, title: str | None = None) -> Session:
         session = Session(channel=channel, mode=mode, id=new_id(), title=title, created_at=time.time())
-        key = _key(channel, mode.value)
-        mapping = {"id": session.id, "title": title or "", "choices": "[]", "turns": 0, "created_at": session.created_at}
         with self.r.pipeline() as p:
-            p.delete(key, _key(channel, mode.value, "turns"))
-            p.hset(key, mapping=mapping)
-            p.expire(key, self.ttl)
-            p.set(_key(channel, "mode"), mode.value, ex=self.ttl)
+            self.write_new(session, p)
             p.execute()
         return session
+
+    def write_new(self, session: Session, p: redis.client.Pipeline) -> None:
+        """Queue the commands that make `session` the channel's session of its mode, and its mode the channel's."""
+        key = _key(session.channel, session.mode.value)
+        mapping = {"id": session.id, "title": session.title or "", "choices": "[]", "turns": 0,
+                   "created_at": session.created_at}
+        p.delete(key, _key(session.channel, session.mode.value, "turns"))
+        p.hset(key, mapping=mapping)
+        p.expire(key, self.ttl)
+        p.set(_key(session.channel, "mode"), session.mode.value, ex=self.ttl)
+
+    def open_turn(self, channel: str, job_id: str, hold: int) -> TurnView:
+        """One round trip for a message: the channel's mode, its chat and story sessions, and the claim of the
+        channel's turn for `job_id` (held `hold` seconds; `claimed_by` names the job already there, if any)."""
+        inflight = _key(channel, "inflight")
+        with self.r.pipeline(transaction=False) as p:
+            p.get(_key(channel, "mode"))
+            p.hgetall(_key(channel, Mode.CHAT.value))
+            p.hgetall(_key(channel, Mode.STORY.value))
+            p.set(inflight, job_id, nx=True, ex=hold)
+            p.get(inflight)
+            mode, chat, story, claimed, holder = p.execute()
+        return TurnView(
+            mode=Mode(mode.decode()) if mode else Mode.CHAT,
+            chat=self._session(channel, Mode.CHAT, chat),
+            story=self._session(channel, Mode.STORY, story),
+            claimed_by=None if claimed else (holder.decode() if holder else ""),
+        )
 
     def chat(self, channel: str) -> Session:
         """The channel's chat session, created on first use; the channel's mode becomes chat."""
@@ -135,8 +168,9 @@ class SessionStore:
             p.execute()
         return story
 
-    def set_mode(self, channel: str, mode: Mode) -> None:
-        self.r.set(_key(channel, "mode"), mode.value, ex=self.ttl)
+    def set_mode(self, channel: str, mode: Mode, pipeline: redis.client.Pipeline | None = None) -> None:
+        """The channel's mode; into `pipeline` (the caller executes it) when given."""
+        (pipeline if pipeline is not None else self.r).set(_key(channel, "mode"), mode.value, ex=self.ttl)
 
     def reset(self, channel: str) -> bool:
         """Forget the channel's chat and story. Returns False when there was nothing to forget."""

@@ -19,3 +19,15 @@ def test_registrations_per_worker(monkeypatch, args, expected):
     monkeypatch.delenv("SHALLOW_SLOTS", raising=False)
     monkeypatch.delenv("SHALLOW_FRONTS", raising=False)
     assert registrations_per_worker(args) == expected
+
+
+def test_the_bench_opens_its_connections_before_the_timed_turns(redis_proc):
+    """A running bot has its connections open: the bench opens one per channel before timing the channels'
+    first turns, which would otherwise each open one at the same instant."""
+    from bench.serve import open_connections
+
+    r = redis_proc.client()
+    r.ping()
+    assert open_connections(r, 8) == 7  # the ping's connection was already there
+    assert r.info("clients")["connected_clients"] >= 8
+    assert open_connections(r, 8) == 0  # all still open, none new

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from shared.errors import ChannelBusy
 from shared.protocol import Done, Mode, decode_event, encode_event, stream_key
 from shared.sessions import SessionStore
 
@@ -85,10 +86,28 @@ def test_sessions_expire_after_the_configured_time(store):
     assert [t["job_id"] for t in turns] == ["j1", "j1"]
 
 
-def test_a_chat_turn_is_enqueued_in_three_round_trips_with_its_session_kept(redis_proc, tmp_path):
-    """A bot's every message: the session read and the mode set together, the claim, then the job and the
-    session's new lease in one transaction (it was six round trips; at 256 channels at once, the enqueue
-    was most of the measured overhead)."""
+def _count_round_trips(r, action):
+    """What `action()` returns, and how many round trips to Redis it took (each command or pipeline takes one
+    connection from the pool)."""
+    sent = []
+    real = r.connection_pool.get_connection
+
+    def counting(*args, **kwargs):
+        sent.append(1)
+        return real(*args, **kwargs)
+
+    r.connection_pool.get_connection = counting
+    try:
+        return action(), len(sent)
+    finally:
+        r.connection_pool.get_connection = real
+
+
+def test_a_message_is_enqueued_in_two_round_trips_with_its_session_kept(redis_proc, tmp_path):
+    """A bot's every message (`say`), in chat or in a story, and a chat turn (`chat`): the mode, the sessions
+    and the claim in one round trip, the job with the session's lease (or a new session) in one transaction.
+    `say` took four (five on a channel's first message), `chat` three; at 256 channels sending at once, the
+    enqueue was most of the measured overhead."""
     from dataclasses import replace
 
     from rq import Queue
@@ -98,26 +117,34 @@ def test_a_chat_turn_is_enqueued_in_three_round_trips_with_its_session_kept(redi
     from shared.settings import Settings
 
     client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
-    first = client.chat("c:rt", "hello", user="u")  # creates the session
-    client.store.release_turn("c:rt", first.job_id)
     r = client.r
+    queue = Queue(client.settings.queue, connection=r, serializer=JSONSerializer)
+    client.say("c:warm", "hello", user="u")  # RQ reads the server's version once per queue, on its first job
     r.config_resetstat()
-    sent = []
-    real = r.connection_pool.get_connection
-
-    def counting(*args, **kwargs):  # every command or pipeline takes one connection from the pool: one round trip
-        sent.append(1)
-        return real(*args, **kwargs)
-
-    r.connection_pool.get_connection = counting
-    try:
-        second = client.chat("c:rt", "again", user="u")
-    finally:
-        r.connection_pool.get_connection = real
-    assert len(sent) == 3, sent
-    stats = r.info("commandstats")
-    assert stats["cmdstat_multi"]["calls"] == 1 and stats["cmdstat_hgetall"]["calls"] == 1
-    job = Queue(client.settings.queue, connection=r, serializer=JSONSerializer).fetch_job(second.job_id)
+    first, trips = _count_round_trips(r, lambda: client.say("c:rt", "hello", user="u"))  # a new channel
+    assert trips == 2
+    assert client.store.get("c:rt", Mode.CHAT).id == first.session.id and client.store.mode("c:rt") is Mode.CHAT
+    assert r.info("commandstats")["cmdstat_multi"]["calls"] == 1
+    client.store.release_turn("c:rt", first.job_id)
+    second, trips = _count_round_trips(r, lambda: client.chat("c:rt", "again", user="u"))
+    assert trips == 2 and second.session.id == first.session.id
+    job = queue.fetch_job(second.job_id)
     assert job is not None and job.get_status().value == "queued" and job.enqueued_at is not None
-    assert second.session.id == first.session.id
     assert 0 < r.ttl("shallow:s:c:rt:chat") <= client.settings.session_ttl
+    client.store.release_turn("c:rt", second.job_id)
+    # a story: the reader's next action goes into the story's session, the chat is kept
+    story = client.start_story("c:rt", "The Lost Crown", user="u")
+    client.store.release_turn("c:rt", story.job_id)
+    action, trips = _count_round_trips(r, lambda: client.say("c:rt", "Open the door", user="u"))
+    assert trips == 2 and action.session.id == story.session.id and action.request.mode is Mode.STORY
+    # a busy channel: refused, nothing written, the turn in flight untouched
+    with pytest.raises(ChannelBusy):
+        client.say("c:rt", "and again", user="u")
+    assert client.store.turn_in_flight("c:rt") == action.job_id
+    assert client.store.get("c:rt", Mode.CHAT).id == first.session.id
+    # the story expired while the channel is in story mode: the message is a chat turn again
+    client.store.release_turn("c:rt", action.job_id)
+    r.delete("shallow:s:c:rt:story")
+    back, trips = _count_round_trips(r, lambda: client.say("c:rt", "hello again", user="u"))
+    assert trips == 2 and back.request.mode is Mode.CHAT and back.session.id == first.session.id
+    assert client.store.mode("c:rt") is Mode.CHAT
