@@ -177,3 +177,32 @@ def test_a_prompt_that_fails_in_the_model_gets_its_error_and_the_engine_goes_on(
     expected = "".join(reference.stream(prompt, greedy, max_new_tokens=12, ignore_eos=True))
     assert "".join(batched.stream(prompt, greedy, max_new_tokens=12, ignore_eos=True)) == expected
     assert not engine.live and not engine.waiting and not engine.admitting
+
+
+def test_a_prompt_counted_then_streamed_is_rendered_once(backends):
+    """fit_messages counts the prompt, then the reply streams it: the chat template and the tokenizer run once
+    for both, the ids are the same, and the reuse lasts one call (a later turn renders its prompt afresh)."""
+    from shared.prompts import fit_messages
+
+    reference, batched, gen = backends
+    for backend in (reference, batched):
+        tokenizer = backend.tokenizer
+        real = tokenizer.apply_chat_template
+        calls = []
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        fresh = list(real(PROMPTS[1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        tokenizer.apply_chat_template = counting
+        try:
+            messages = fit_messages(PROMPTS[1][0]["content"], [], PROMPTS[1][1]["content"], backend.count_tokens, 500)
+            assert messages == PROMPTS[1] and len(calls) == 1  # counted (fit_messages: everything fits) ...
+            gen_out = backend.stream(messages, gen, max_new_tokens=4)
+            assert "".join(gen_out) and gen_out.prompt_tokens == len(fresh)
+            assert len(calls) == 1  # ... and streamed without rendering it again
+            assert backend.encode(messages) == fresh and len(calls) == 2  # once only: then rendered afresh
+            assert backend.encode([{"role": "user", "content": "Other."}]) != fresh and len(calls) == 3
+        finally:
+            tokenizer.apply_chat_template = real
