@@ -115,9 +115,9 @@ class TurnClient:
     # Each turn method takes an optional job_id: a bot that records "reply owed" before it enqueues
     # (so that a crash in between loses nothing) chooses the id first.
 
-    # A message takes two round trips to Redis: the channel's mode, sessions and the claim of its turn in one
-    # (`SessionStore.open_turn`), then the job with the session's lease (and a new session, or the mode) in
-    # one transaction. (It was four: the mode, the session, the claim, the job; a bot sends every message so.)
+    # A message or a new story takes two round trips to Redis: the channel's mode, sessions and the claim of
+    # its turn in one (`SessionStore.open_turn`), then the job with the session's lease (and a new session, or
+    # the mode) in one transaction. (A message took four: the mode, the session, the claim, the job.)
 
     def say(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
             job_id: str | None = None) -> Submitted:
@@ -160,9 +160,11 @@ class TurnClient:
                     job_id: str | None = None) -> Submitted:
         """A new story from its title; its first passage is the reply."""
         title = self.clean_title(title)
-        self._check_free(channel)
-        story = self.store.start_story(channel, title)
-        return self._submit(channel, story, "", f"/story {title}", user, reply_to, job_id)
+        job_id = job_id or new_id()
+        view = self.store.open_turn(channel, job_id, self._hold())  # a busy channel keeps its story: refused first
+        story = Session(channel=channel, mode=Mode.STORY, id=new_id(), title=title, created_at=time.time())
+        return self._submit(channel, story, "", f"/story {title}", user, reply_to, job_id, claimed_by=view.claimed_by,
+                            new_session=True)
 
     def end_story(self, channel: str) -> Session | None:
         return self.store.end_story(channel)
@@ -174,11 +176,6 @@ class TurnClient:
             self.cancel(job_id)
             self.store.release_turn(channel, job_id)
         return self.store.reset(channel)
-
-    def _check_free(self, channel: str) -> None:
-        current = self.store.turn_in_flight(channel)
-        if current and not self._settled(current):
-            raise ChannelBusy("The bot is still writing its last reply here; wait for it, or cancel it.", current)
 
     def _settled(self, job_id: str) -> bool:
         """True when the job holding a channel has ended for good (then the channel is freed)."""

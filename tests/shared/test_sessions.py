@@ -133,7 +133,12 @@ def test_a_message_is_enqueued_in_two_round_trips_with_its_session_kept(redis_pr
     assert 0 < r.ttl("shallow:s:c:rt:chat") <= client.settings.session_ttl
     client.store.release_turn("c:rt", second.job_id)
     # a story: the reader's next action goes into the story's session, the chat is kept
-    story = client.start_story("c:rt", "The Lost Crown", user="u")
+    story, trips = _count_round_trips(r, lambda: client.start_story("c:rt", "The Lost Crown", user="u"))
+    assert trips == 2 and client.store.mode("c:rt") is Mode.STORY
+    assert client.store.get("c:rt", Mode.STORY).title == "The Lost Crown"
+    with pytest.raises(ChannelBusy):  # a new story while the first passage is being written: refused, nothing replaced
+        client.start_story("c:rt", "Another Tale", user="u")
+    assert client.store.get("c:rt", Mode.STORY).id == story.session.id
     client.store.release_turn("c:rt", story.job_id)
     action, trips = _count_round_trips(r, lambda: client.say("c:rt", "Open the door", user="u"))
     assert trips == 2 and action.session.id == story.session.id and action.request.mode is Mode.STORY
