@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+WARM = 20  # untimed turns first
+
 
 def main(argv: list[str] | None = None) -> int:
     from shared.client import TurnClient
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             client = TurnClient(settings)
             r = client.r
             text = "Tell me about the sea, and about the ships that sail it."
-            for i in range(20):  # connections opened, code paths warm
+            for i in range(WARM):  # a connection opened, code paths warm (RQ reads the server's version once)
                 client.chat(f"warm-{i}", text, max_new_tokens=8)
 
             def commands() -> dict[str, int]:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                     opened = r.info("stats")["total_connections_received"] - opened
                     print(f"burst of {size} ({when}, {opened} new connections): enqueued after p50 {pct(times, 50):.1f} ms, "
                           f"p95 {pct(times, 95):.1f} ms, the last {max(times):.1f} ms")
-            print(f"{client.queue.count} jobs in the queue, of {20 + n + 2 * sum(sizes)} sent")
+            print(f"{client.queue.count} jobs in the queue, of {WARM + n + 2 * sum(sizes)} sent")
         finally:
             server.stop()
     return 0

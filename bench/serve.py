@@ -317,17 +317,14 @@ class StreamReader:
         self.thread.join(5)
 
 
-def open_connections(r, n: int) -> int:
-    """Open n connections in the client's pool before the timed turns, as a running bot has its connections
-    open; returns how many were new. Otherwise the channels' first turns, sent at the same instant, would
-    each open one (at 256 channels on a 2-core box: 494-549 ms p50 to enqueue instead of 311-316,
-    `python -m bench.enqueue_cost`)."""
+def open_connections(r, n: int) -> None:
+    """Have n connections open in the client's pool before the timed turns, as a running bot has. Otherwise
+    the channels' first turns, sent at the same instant, would each open one (at 256 channels on a 2-core
+    box: 494-549 ms p50 to enqueue instead of 311-316, `python -m bench.enqueue_cost`)."""
     pool = r.connection_pool
-    before = len(getattr(pool, "_available_connections", [])) + len(getattr(pool, "_in_use_connections", []))
     taken = [pool.get_connection() for _ in range(n)]  # each one connected (redis-py connects on checkout)
     for conn in taken:
         pool.release(conn)
-    return max(0, n - before)
 
 
 def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: int, run_id: str) -> Row:

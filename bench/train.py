@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,9 +125,7 @@ def step_spread(steps: list[tuple[int, float]], skip: int = 5, stall: float = 2.
     rest = [(n, s) for n, s in steps[k:] if n > 0 and s > 0]
     if not rest:
         return {"median_step_tokens_per_second": None, "stalled_steps": 0, "stall_seconds": 0.0}
-    per_token = sorted(s / n for n, s in rest)
-    median = per_token[len(per_token) // 2] if len(per_token) % 2 else (
-        (per_token[len(per_token) // 2 - 1] + per_token[len(per_token) // 2]) / 2)
+    median = statistics.median(s / n for n, s in rest)  # seconds per token
     stalls = [(n, s) for n, s in rest if s / n > stall * median]
     return {"median_step_tokens_per_second": round(1 / median, 1), "stalled_steps": len(stalls),
             "stall_seconds": round(sum(s - n * median for n, s in stalls), 2)}

@@ -147,7 +147,7 @@ class TurnClient:
                    **limits) -> Submitted:
         """A chat turn in the channel's chat session; the session is made (with the job) on first use, and
         the channel's mode becomes chat."""
-        session = view.chat or Session(channel=channel, mode=Mode.CHAT, id=new_id(), created_at=time.time())
+        session = view.chat or Session.new(channel, Mode.CHAT)
         return self._submit(channel, session, text, text, user, reply_to, job_id, claimed_by=view.claimed_by,
                             new_session=view.chat is None, set_mode=True, **limits)
 
@@ -162,7 +162,7 @@ class TurnClient:
         title = self.clean_title(title)
         job_id = job_id or new_id()
         view = self.store.open_turn(channel, job_id, self._hold())  # a busy channel keeps its story: refused first
-        story = Session(channel=channel, mode=Mode.STORY, id=new_id(), title=title, created_at=time.time())
+        story = Session.new(channel, Mode.STORY, title)
         return self._submit(channel, story, "", f"/story {title}", user, reply_to, job_id, claimed_by=view.claimed_by,
                             new_session=True)
 

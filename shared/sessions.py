@@ -59,6 +59,11 @@ class Session:
     turns: int = 0  # completed user/assistant exchanges
     created_at: float = 0.0
 
+    @classmethod
+    def new(cls, channel: str, mode: Mode, title: str | None = None) -> Session:
+        """A new session, not yet written (`SessionStore.write_new` queues its writes)."""
+        return cls(channel=channel, mode=mode, id=new_id(), title=title, created_at=time.time())
+
 
 @dataclass(frozen=True)
 class TurnView:
@@ -112,8 +117,10 @@ class SessionStore:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def _create(self, channel: str, mode: Mode, title: str | None = None) -> Session:
-        session = Session(channel=channel, mode=mode, id=new_id(), title=title, created_at=time.time())
+    def create(self, channel: str, mode: Mode, title: str | None = None) -> Session:
+        """A new session of `mode` in the channel, replacing any there; the channel's mode becomes `mode`.
+        (The client writes a turn's new session with its job instead: `TurnClient`.)"""
+        session = Session.new(channel, mode, title)
         with self.r.pipeline() as p:
             self.write_new(session, p)
             p.execute()
@@ -146,18 +153,6 @@ class SessionStore:
             story=self._session(channel, Mode.STORY, story),
             claimed_by=None if claimed else (holder.decode() if holder else ""),
         )
-
-    def chat(self, channel: str) -> Session:
-        """The channel's chat session, created on first use; the channel's mode becomes chat."""
-        with self.r.pipeline(transaction=False) as p:  # one round trip: a bot's every message comes this way
-            p.hgetall(_key(channel, Mode.CHAT.value))
-            p.set(_key(channel, "mode"), Mode.CHAT.value, ex=self.ttl)
-            data, _ = p.execute()
-        return self._session(channel, Mode.CHAT, data) or self._create(channel, Mode.CHAT)
-
-    def start_story(self, channel: str, title: str) -> Session:
-        """A new story in the channel, replacing any story there; the channel's mode becomes story."""
-        return self._create(channel, Mode.STORY, title)
 
     def end_story(self, channel: str) -> Session | None:
         """End the channel's story; returns it, or None when there was none. The channel goes back to chat."""

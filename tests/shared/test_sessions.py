@@ -24,7 +24,7 @@ def _commit(store, session, job_id, user="hi", reply="hello", choices=None):
 
 
 def test_a_reply_is_committed_once(store):
-    chat = store.chat("c:1")
+    chat = store.create("c:1", Mode.CHAT)
     assert _commit(store, chat, "job1")
     assert not _commit(store, chat, "job1", reply="a second attempt")  # a retried job writes nothing
     assert store.history("c:1", Mode.CHAT) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -34,10 +34,10 @@ def test_a_reply_is_committed_once(store):
 
 
 def test_channels_and_modes_are_separate(store):
-    a, b = store.chat("c:a"), store.chat("c:b")
+    a, b = store.create("c:a", Mode.CHAT), store.create("c:b", Mode.CHAT)
     _commit(store, a, "j1", user="from a")
     _commit(store, b, "j2", user="from b")
-    story = store.start_story("c:a", "The Lost Crown")
+    story = store.create("c:a", Mode.STORY, "The Lost Crown")
     _commit(store, story, "j3", user="/story", reply="Once...", choices=["Run", "Hide"])
     assert store.history("c:a", Mode.CHAT)[0]["content"] == "from a"
     assert store.history("c:b", Mode.CHAT)[0]["content"] == "from b"
@@ -47,9 +47,9 @@ def test_channels_and_modes_are_separate(store):
 
 
 def test_a_reply_that_lands_after_a_reset_is_not_written_into_the_new_session(store):
-    old = store.chat("c:1")
+    old = store.create("c:1", Mode.CHAT)
     assert store.reset("c:1")
-    store.chat("c:1")
+    store.create("c:1", Mode.CHAT)
     assert _commit(store, old, "late-job")  # its stream still gets the done event...
     assert store.history("c:1", Mode.CHAT) == []  # ...but the new session stays clean
     assert store.r.xlen(stream_key("late-job")) == 1
@@ -60,7 +60,7 @@ def test_reset_without_a_session_says_so(store):
 
 
 def test_end_story_returns_to_chat(store):
-    store.start_story("c:1", "T")
+    store.create("c:1", Mode.STORY, "T")
     ended = store.end_story("c:1")
     assert ended.title == "T"
     assert store.mode("c:1") is Mode.CHAT and store.get("c:1", Mode.STORY) is None
@@ -72,13 +72,13 @@ def test_one_turn_at_a_time(store):
     assert store.claim_turn("c:1", "j2", 60) == "j1"
     store.release_turn("c:1", "j2")  # not the holder: no effect
     assert store.turn_in_flight("c:1") == "j1"
-    chat = store.chat("c:1")
+    chat = store.create("c:1", Mode.CHAT)
     _commit(store, chat, "j1")  # committing the reply frees the channel
     assert store.turn_in_flight("c:1") is None
 
 
 def test_sessions_expire_after_the_configured_time(store):
-    chat = store.chat("c:1")
+    chat = store.create("c:1", Mode.CHAT)
     _commit(store, chat, "j1")
     for key in ("shallow:s:c:1:chat", "shallow:s:c:1:chat:turns", "shallow:s:c:1:mode"):
         assert 0 < store.r.ttl(key) <= 600
