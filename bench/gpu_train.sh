@@ -6,6 +6,7 @@
 #             the steady rate after SKIP (5) steps; ARGS: more `shallow train` flags; TAG names the JSON
 #     pyspy   py-spy samples (collapsed stacks) of SECONDS_ (20) seconds of `shallow train` with ARGS once it has
 #             done SKIP (20) of its STEPS (300) steps (NATIVE=1: with C frames), then the top functions (bench.stacks)
+#     profile torch.profiler over 5 steps after SKIP (40) of STEPS (50): top GPU and host operations (ARGS, TAG)
 #     long    peak memory with 8 conversations of 2,048 tokens a step (the longest the defaults allow), PRESETS
 # (on the project's GPU machine: source .gpu/env.sh first)
 set -uo pipefail
@@ -32,6 +33,19 @@ for stage in "$@"; do
       wait $tpid; tail -c 300 "$log"; echo
       python -m bench.stacks "$out/train-${TAG:-default}.stacks" --top 45 > "$out/stacks-${TAG:-default}.txt"; gzip -f "$out/train-${TAG:-default}.stacks"
       head -100 "$out/stacks-${TAG:-default}.txt"; rm -rf "$out/run-${TAG:-default}" ;;
+    profile)  # torch.profiler over 5 steady steps (after SKIP, default 40, of STEPS, default 50) of `shallow train` with ARGS:
+              # the top operations by GPU and by host time, and the GPU's busy time against the steps' wall time
+      run=$out/run-prof-${TAG:-default}
+      python -m shared.cli train --base-model "$base" --dataset "$data" --output-dir "$run" --no-resume --save-steps 100000 \
+        --max-steps ${STEPS:-50} --warmup-steps ${SKIP:-40} --profile-steps 5 --logging-steps 1 ${ARGS:-} > "$out/profile-${TAG:-default}.log" 2>&1
+      cp "$run/profile.txt" "$out/profile-${TAG:-default}.txt" && head -45 "$out/profile-${TAG:-default}.txt"
+      python - "$run/history.json" <<'PY'
+import json, sys
+h = [e for e in json.load(open(sys.argv[1])) if "loss" in e and "elapsed_s" in e]
+t = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(h, h[1:])]
+print("step seconds (logged):", [round(x, 3) for x in t[-20:]])
+PY
+      rm -rf "$run" ;;
     long)  # peak memory at the longest steps: 8 conversations of max-seq-length (2,048) tokens each, PRESETS
       python - "$out/long.jsonl" <<'PY'
 import json, random, sys

@@ -557,9 +557,12 @@ class Profile(TrainerCallback):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
             self.first = state.global_step
+            self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         import torch
@@ -569,10 +572,13 @@ class Profile(TrainerCallback):
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
         self.done = True
         events = self.prof.key_averages()
-        parts = [f"steps {self.first + 1}-{state.global_step}, top operations by own {'GPU' if cuda else 'CPU'} time"]
+        parts = [f"steps {self.first + 1}-{state.global_step}: {wall * 1000:.1f} ms of wall time under the profiler "
+                 f"(the table's 'Self CUDA time total' against it: the share of the time the GPU was busy)",
+                 f"top operations by own {'GPU' if cuda else 'CPU'} time"]
         parts.append(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25))
         if cuda:
             parts.append("top operations by own CPU time (the host's side: launches, Python)")

@@ -20,6 +20,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.exceptions import StopRequested
 from rq.timeouts import TimerDeathPenalty
+from rq.utils import now
 from rq.worker import WorkerStatus
 
 from shared.errors import ConfigError
@@ -92,10 +93,13 @@ class SlotWorker(ShallowWorker):
     """
 
     death_penalty_class = TimerDeathPenalty
+    BEAT_EVERY = 1.0  # seconds: a beat asked for sooner after the last one is skipped (the key lives worker_ttl + 60 s)
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, turnstile: threading.Semaphore | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._wait = round(random.uniform(2.0, 6.0), 3)
+        self._turnstile = turnstile  # shared by the slots of a front: one of them waits on Redis at a time
+        self._listening = False
 
     def _install_signal_handlers(self) -> None:
         pass  # signals are the main thread's; it tells every slot
@@ -107,30 +111,62 @@ class SlotWorker(ShallowWorker):
         again together queue up process by process, so with two worker processes every job went to the
         slots of one of them until it had taken 256: at 16 or 64 channels the second GPU stood idle
         (measured, issue 11). Waits of different lengths interleave the processes in that line.
+
+        The slots of a front (`--fronts`) share a turnstile: one of them waits on Redis at a time, and
+        when it takes a job the next takes its place at the back of Redis' line. So jobs go round the
+        fronts, each to the front that has waited longest, instead of filling one front's slots first:
+        16 fronts of 16 slots at 16 channels had put 7-9 turns in three fronts and none in eight, and a
+        front's jobs share one interpreter lock (measured on the H200, session 9).
         """
         self._holding_job = False
         if timeout is not None:
             timeout = self._wait
-        return super().dequeue_job_and_maintain_ttl(timeout, *args, **kwargs)
+        if self._turnstile is None:
+            return super().dequeue_job_and_maintain_ttl(timeout, *args, **kwargs)
+        self.set_state(WorkerStatus.IDLE)
+        while not self._turnstile.acquire(timeout=self._wait):  # another slot of this front is listening
+            self.heartbeat()  # registered all the while; a stopping slot leaves here
+        self._listening = True
+        try:
+            return super().dequeue_job_and_maintain_ttl(timeout, *args, **kwargs)
+        finally:
+            self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        if self._listening:
+            self._listening = False
+            self._turnstile.release()
 
     def reorder_queues(self, reference_queue) -> None:
         self._holding_job = True  # RQ calls this right after it took a job: that job must run, stopping or not
+        self._stop_listening()  # the next idle slot of this front takes its place in Redis' line now
         super().reorder_queues(reference_queue)
+
+    def set_state(self, state: str, pipeline=None):
+        """RQ writes the state again each time a slot goes back to waiting: not when Redis has it already."""
+        if pipeline is None and state == self._state:
+            return
+        super().set_state(state, pipeline)
 
     def heartbeat(self, timeout: int | None = None, pipeline=None):
         """RQ's idle loop beats between waits for a job: where a stopping slot leaves (within one wait).
 
         RQ also beats once more after taking a job, before running it; leaving there would strand the job
         in RQ's intermediate queue until maintenance finds it (a reply ~60 s late), so a slot that holds
-        a job runs it first.
+        a job runs it first. RQ beats before and after each wait, three commands each time; within
+        BEAT_EVERY seconds of the last beat that is skipped (the job's own beats, in a pipeline, are not).
         """
         if (pipeline is None and self._stop_requested and not getattr(self, "_holding_job", False)
                 and self.get_state() == WorkerStatus.IDLE):
             raise StopRequested()
+        last = getattr(self, "last_heartbeat", None)
+        if pipeline is None and last is not None and (now() - last).total_seconds() < self.BEAT_EVERY:
+            return None
         return super().heartbeat(timeout, pipeline)
 
 
-def build_worker(settings: Settings, connection, name: str | None = None, cls: type[ShallowWorker] = ShallowWorker) -> ShallowWorker:
+def build_worker(settings: Settings, connection, name: str | None = None, cls: type[ShallowWorker] = ShallowWorker,
+                 **extra) -> ShallowWorker:
     queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer)
     return cls(
         [queue],
@@ -144,6 +180,7 @@ def build_worker(settings: Settings, connection, name: str | None = None, cls: t
         worker_ttl=20,
         maintenance_interval=max(5, settings.heartbeat_ttl // 2),
         job_monitoring_interval=max(1, settings.heartbeat_ttl // 3),
+        **extra,
     )
 
 
@@ -169,7 +206,8 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
     store = SessionStore(connection, settings.session_ttl, settings.stream_ttl, settings.stream_maxlen)
     try:
         if settings.slots > 1:
-            return run_slots(settings, connection, backend, store, burst=burst, name=name)
+            return run_slots(settings, connection, backend, store, burst=burst, name=name,
+                             one_listener=remote.is_front())
         return _run_one(settings, connection, backend, store, burst=burst, name=name)
     finally:
         backend.close()
@@ -213,8 +251,10 @@ def _run_one(settings: Settings, connection, backend, store: SessionStore, *, bu
     return 0
 
 
-def run_slots(settings: Settings, connection, backend, store: SessionStore, *, burst: bool, name: str | None) -> int:
+def run_slots(settings: Settings, connection, backend, store: SessionStore, *, burst: bool, name: str | None,
+              one_listener: bool = False) -> int:
     """`settings.slots` RQ worker loops in threads over one model; the main thread handles the signals.
+    `one_listener` (the fronts of `--fronts`): one slot at a time waits on Redis for a job (SlotWorker).
 
     First SIGTERM/SIGINT: every slot stops taking jobs and finishes the reply it is writing (at most
     SHALLOW_STOP_TIMEOUT seconds); a second: cold stop, the replies being written are retried elsewhere.
@@ -222,7 +262,9 @@ def run_slots(settings: Settings, connection, backend, store: SessionStore, *, b
     import socket
 
     base = name or f"{socket.gethostname()}.{os.getpid()}"
-    workers = [build_worker(settings, connection, f"{base}.{k}", cls=SlotWorker) for k in range(settings.slots)]
+    turnstile = threading.Semaphore(1) if one_listener else None
+    workers = [build_worker(settings, connection, f"{base}.{k}", cls=SlotWorker, turnstile=turnstile)
+               for k in range(settings.slots)]
     jobs.install(jobs.Runtime(settings=settings, backend=backend, connection=connection, store=store, name=base))
     level = logging.getLevelName(logging.getLogger().level)
     threads = [

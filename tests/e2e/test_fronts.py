@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 from rq import Worker
@@ -48,6 +49,14 @@ def test_fronts_run_the_jobs_over_one_model_process(env, processes):
     proc, names, pids = start_fronts(env, processes, [3, 2], "fr")  # 5 slots: the first front takes one more
     assert len(pids) == 2 and proc.pid not in pids  # two front processes, neither the one that holds the model
     client = TurnClient(env.settings())
+    # one slot of each front waits on Redis at a time (a turnstile): jobs go round the fronts instead of
+    # filling the slots of the front that queued first. Sampled for a while, since each wait times out
+    # every few seconds and is made again; without the turnstile all 5 slots wait at once.
+    waiting = []
+    for _ in range(40):
+        waiting.append(sum(1 for c in client.r.client_list() if c.get("cmd") in ("blpop", "blmove") and "b" in c.get("flags", "")))
+        time.sleep(0.05)
+    assert 1 <= max(waiting) <= 2, waiting
     subs = [client.chat(f"console:f{i}", f"Tell me about the number {i}.", max_new_tokens=16, ignore_eos=True)
             for i in range(4)]
     long = client.chat("console:flong", "Tell me a long story about a clockmaker.", max_new_tokens=150, ignore_eos=True)
