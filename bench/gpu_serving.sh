@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving benchmark of issue 8 on a GPU box with no hub: a Llama-3.2-1B-shaped checkpoint with random
 # weights and a random LoRA adapter, then `shallow bench` in each serving mode. Usage:
-#   bench/gpu_serving.sh OUT_DIR [baseline|fourbit|slots|slots4bit|compiled|batched|direct|graphs|static|gpus|fronts|shared|sigterm|profile ...]
+#   bench/gpu_serving.sh OUT_DIR [baseline|fourbit|slots|slots4bit|compiled|batched|direct|graphs|static|gpus|defaults|fronts|shared|sigterm|profile ...]
 # (on the project's GPU machine: source .gpu/env.sh first; .gpu/make_llama1b.py builds the checkpoint)
 set -euo pipefail
 out=${1:?OUT_DIR}; shift
@@ -62,6 +62,10 @@ for stage in "$@"; do
       top -b -H -d 3 -n 3 -w 250 -p $wpid > "$out/top-worker-threads.txt" 2>&1 || true
       .gpu/bin/py-spy dump --pid $wpid --nonblocking > "$out/dump-worker.txt" 2>&1 || true
       wait $bpid || true; tail -3 "$out/profile-bench.log" ;;
+    defaults)  # the worker as it starts by default on CUDA (`--slots 256`: automatic fronts, one per 16 slots), bf16 merged (FOURBIT=1: NF4)
+      SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=${FOURBIT:-0} bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \
+        --worker-args "--slots 256" --label "slot engine $([ "${FOURBIT:-0}" = 1 ] && echo 'NF4 + LoRA' || echo bf16), automatic fronts (default)" \
+        --json "$out/defaults${FOURBIT:+-nf4}.json" ;;
     fronts)  # the model in one process, the jobs in FRONTS processes (`--fronts`): the jobs' Python off the engine's lock (FOURBIT=1: NF4)
       SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=${FOURBIT:-0} bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \
         --worker-args "--fronts ${FRONTS:-4} --slots 256" --label "slot engine $([ "${FOURBIT:-0}" = 1 ] && echo 'NF4 + LoRA' || echo bf16), ${FRONTS:-4} fronts over one model process" \

