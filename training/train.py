@@ -562,8 +562,7 @@ class Profile(TrainerCallback):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # the wall time starts with the GPU idle
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
             self.first = state.global_step

@@ -207,7 +207,7 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
     try:
         if settings.slots > 1:
             return run_slots(settings, connection, backend, store, burst=burst, name=name,
-                             one_listener=remote.is_front())
+                             one_listener=isinstance(backend, remote.RemoteBackend))
         return _run_one(settings, connection, backend, store, burst=burst, name=name)
     finally:
         backend.close()

@@ -288,11 +288,6 @@ class RemoteBackend(BatchedBackend):
                    engine=engine, eos=frozenset(info["eos"]))
 
 
-def is_front() -> bool:
-    """Whether this process is a front of `--fronts` (its parent holds the model)."""
-    return bool(os.environ.get(ENV_ADDRESS))
-
-
 def connect_from_env(settings: Settings) -> RemoteBackend | None:
     """In a front (its parent set the engine's address): the remote backend; elsewhere None."""
     address = os.environ.get(ENV_ADDRESS)
