@@ -23,6 +23,7 @@ from typing import Any
 
 from transformers import ProgressCallback, TrainerCallback
 
+from shared import collector
 from shared.errors import ConfigError, ModelNotFound
 from shared.models import resolve_model
 from shared.settings import LAB_BASE_MODEL, OFFLINE_BASE_MODEL, Settings
@@ -562,45 +563,24 @@ class Progress(ProgressCallback):
 
 
 class GarbageCollection(TrainerCallback):
-    """Keeps Python's garbage collector from pausing training for seconds, and records its pauses.
-
-    A full (generation 2) collection walks every object alive: in a training process that is millions (the
-    libraries, the model's modules, what TorchDynamo and Inductor keep of the graphs they compiled), and on the
-    H200 one took 1.6 s in the middle of the steady steps, against ~0.1 s for a step. `gc.freeze()` moves what is
-    alive at the start, and again after the first steps (when the compiled graphs exist), out of the collector's
-    sight: later collections look only at what was made since. Cyclic garbage made during training is still
-    collected; what was alive at a freeze is not looked at again until training ends (`gc.unfreeze()`).
-    """
+    """Keeps Python's garbage collector from pausing training for seconds (`shared.collector`), and records its
+    pauses. What is alive when training starts is frozen out of later collections, and again after the first
+    steps, when what TorchDynamo and Inductor keep of the graphs they compiled exists; `gc.unfreeze()` at the end."""
 
     FREEZE_AGAIN_AFTER = 5  # steps: after the first steps' compiles (steps 1 and 3 on the H200)
 
     def __init__(self, freeze: bool = True) -> None:
         self.freeze = freeze
-        self.pauses = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
-        self._t: float | None = None
+        self.pauses = collector.Pauses()
         self.again_at = self.FREEZE_AGAIN_AFTER
 
-    def _timer(self, phase, info):
-        if phase == "start":
-            self._t = time.perf_counter()
-        elif self._t is not None:
-            entry = self.pauses[info.get("generation", 2)]
-            entry[0] += 1
-            entry[1] += time.perf_counter() - self._t
-            self._t = None
-
     def _freeze(self) -> None:
-        import gc
-
         if self.freeze:
-            gc.collect()
-            gc.freeze()
+            collector.freeze()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import gc
-
         self._freeze()
-        gc.callbacks.append(self._timer)
+        self.pauses.start()
         self.again_at = state.global_step + self.FREEZE_AGAIN_AFTER  # a resumed run compiles again too
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -610,13 +590,12 @@ class GarbageCollection(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         import gc
 
-        if self._timer in gc.callbacks:
-            gc.callbacks.remove(self._timer)
+        self.pauses.stop()
         gc.unfreeze()  # back to the collector's care (a caller that trains again in this process)
 
     def record(self) -> dict[str, Any]:
         """Collections and seconds paused, per generation, from the start of training to its end."""
-        return {f"gen{g}": {"collections": n, "seconds": round(t, 3)} for g, (n, t) in self.pauses.items()}
+        return self.pauses.record()
 
 
 class Profile(TrainerCallback):

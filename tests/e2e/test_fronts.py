@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -74,6 +75,9 @@ def test_fronts_run_the_jobs_over_one_model_process(env, processes):
     assert isinstance(ended, Done) and ended.finish_reason == "cancelled" and ended.completion_tokens < 150
     log = proc.log_path.read_text()
     assert "2 fronts (3+2 slots)" in log and log.count("loaded batched backend") == 1  # one model, in one process
+    # the model process and each front keep what they loaded out of the garbage collector's full passes
+    frozen = [int(n) for n in re.findall(r"(\d+) objects kept out of the garbage collector's full passes", log)]
+    assert len(frozen) == 3 and min(frozen) > 10_000, frozen  # torch, transformers, RQ: hundreds of thousands
 
     # SIGTERM to the model process: the fronts finish the reply being written, then everything leaves
     last = client.chat("console:flast", "Name a colour.", max_new_tokens=30, ignore_eos=True)

@@ -367,10 +367,9 @@ def test_training_freezes_what_is_alive_from_the_collector_and_lets_go_at_the_en
         callback.on_step_end(None, state, None)
         assert gc.get_freeze_count() >= frozen
         callback.on_train_end(None, state, None)
-        assert gc.get_freeze_count() == 0 and callback._timer not in gc.callbacks
+        assert gc.get_freeze_count() == 0 and callback.pauses._timer not in gc.callbacks
         record = callback.record()
         assert record["gen2"]["collections"] >= 2  # the collect above and the refreeze
     finally:
         gc.unfreeze()
-        if callback._timer in gc.callbacks:
-            gc.callbacks.remove(callback._timer)
+        callback.pauses.stop()
