@@ -8,6 +8,10 @@
 #             done SKIP (20) of its STEPS (300) steps (NATIVE=1: with C frames), then the top functions (bench.stacks)
 #     profile torch.profiler over 5 steps after SKIP (40) of STEPS (50): top GPU and host operations (ARGS, TAG)
 #     long    peak memory with 8 conversations of 2,048 tokens a step (the longest the defaults allow), PRESETS
+#     ab      the presets in AB (space-separated, default "default nofreeze") taken in turns, ROUNDS (2) times, after
+#             one untimed run of WARM (30) steps that compiles the kernels: each a `bench` run of STEPS (100), the
+#             steady rate after SKIP (50); then each run's steady and median-step rate. Runs of the same settings
+#             differ by 10-30% between machines (docs/training.md, session 11): only runs on one machine compare
 # (on the project's GPU machine: source .gpu/env.sh first)
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
@@ -59,6 +63,26 @@ with open(sys.argv[1], "w") as f:
 PY
       python -m shared.cli bench train --base-model "$base" --data "$out/long.jsonl" --steps ${STEPS:-4} --skip-steps 1 --presets ${PRESETS:-default,nogc} \
         --json "$out/bench-long.json" -- --warmup-steps 1 ${ARGS:-} 2>&1 | grep -v -E "Loading weights|it/s\]|s/it\]" | tail -6 ;;
+    ab)
+      python -m shared.cli bench train --base-model "$base" --data "$data" --steps ${WARM:-30} --presets default \
+        --json "$out/ab-warm.json" -- --warmup-steps 5 > /dev/null 2>&1
+      for round in $(seq ${ROUNDS:-2}); do
+        for preset in ${AB:-default nofreeze}; do
+          python -m shared.cli bench train --base-model "$base" --data "$data" --steps ${STEPS:-100} --skip-steps ${SKIP:-50} \
+            --presets "$preset" --json "$out/ab-$preset-$round.json" -- --warmup-steps 5 ${ARGS:-} > /dev/null 2>&1
+        done
+      done
+      python - "$out" <<'PY'
+import glob, json, os, sys
+print("| run | tok/s after SKIP steps | median step tok/s | stalls (s) | peak GiB | final loss |\n|---|---|---|---|---|---|")
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "ab-*-*.json")), key=os.path.getmtime):
+    for r in json.load(open(path))["runs"]:
+        if "error" in r:
+            print(f"| {os.path.basename(path)} | failed: {r['error'][:80]} | | | | |"); continue
+        print(f"| {os.path.basename(path)[3:-5]} | {r['steady_tokens_per_second']} | {r['median_step_tokens_per_second']} | "
+              f"{r['stalled_steps']} ({r['stall_seconds']}) | {r['peak_memory_gib']} | {r['final_loss']:.4f} |")
+PY
+      ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
