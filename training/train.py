@@ -340,8 +340,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     keeper = KeepBest(best_dir, tokenizer, cfg.early_stopping_patience)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
-    collector = GarbageCollection(freeze=cfg.gc_freeze)
-    trainer.add_callback(collector)
+    pauses = GarbageCollection(freeze=cfg.gc_freeze)
+    trainer.add_callback(pauses)
     trainer.add_callback(keeper)
     if cfg.profile_steps > 0:
         trainer.add_callback(Profile(out / "profile.txt", skip=max(cfg.warmup_steps, 2), steps=cfg.profile_steps))
@@ -384,7 +384,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "peak_memory_bytes": _peak_memory(),
         "peak_memory_kind": "cuda max allocated" if torch.cuda.is_available() else "process max resident set",
         "gpu_memory_limit_gib": cfg.max_gpu_memory if torch.cuda.is_available() else None,
-        "garbage_collection": collector.record(),
+        "garbage_collection": pauses.record(),
         "best_eval_loss": keeper.best,
         "stopped_early": keeper.stopped,
         "adapter": str(out / "adapter"),

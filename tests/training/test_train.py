@@ -68,6 +68,8 @@ def test_a_run_writes_its_adapter_record_history_and_plot(trained):
     record = json.loads((out / "run.json").read_text())
     assert record["global_step"] == 6 and record["backend"] == "transformers" and record["tokens_per_second"] > 0
     assert record["config"]["lora_r"] == 16 and record["versions"]["trl"] == "1.12.0"
+    assert set(record["garbage_collection"]) == {"gen0", "gen1", "gen2"} and record["config"]["gc_freeze"] is True
+    assert record["garbage_collection"]["gen2"]["collections"] >= 1  # the freeze after 5 steps collects first
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
