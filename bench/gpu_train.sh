@@ -65,7 +65,7 @@ PY
         --json "$out/bench-long.json" -- --warmup-steps 1 ${ARGS:-} 2>&1 | grep -v -E "Loading weights|it/s\]|s/it\]" | tail -6 ;;
     ab)
       python -m shared.cli bench train --base-model "$base" --data "$data" --steps ${WARM:-30} --presets default \
-        --json "$out/ab-warm.json" -- --warmup-steps 5 > /dev/null 2>&1
+        --json "$out/ab-warm.json" -- --warmup-steps 5 ${ARGS:-} > /dev/null 2>&1
       for round in $(seq ${ROUNDS:-2}); do
         for preset in ${AB:-default nofreeze}; do
           python -m shared.cli bench train --base-model "$base" --data "$data" --steps ${STEPS:-100} --skip-steps ${SKIP:-50} \
