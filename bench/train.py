@@ -33,7 +33,8 @@ runs twice (the second finds the first's compiled kernels).
 The first run on a machine compiles GPU kernels for the shapes it meets (Triton's cache, ~/.triton) for
 its first ~100 steps; a later run finds them compiled. For a steady figure run longer and leave out more
 steps (`--steps 60 --skip-steps 30`), on a box that has trained before. Each step's time is kept
-(`step_times` in the JSON: real tokens, seconds), and after the first `--skip-steps` the table gives the
+(`step_times` in the JSON: real tokens, seconds; `step_gc_pauses`: seconds of each in Python's garbage
+collector), and after the first `--skip-steps` the table gives the
 median step's rate and the stalls: steps slower than twice the median step per token, with the seconds
 they cost beyond it. A steady rate far below the median step's says the run stalled (compiling, most
 often), not that the GPU was slow.
@@ -120,6 +121,13 @@ def step_times(history: list[dict]) -> list[tuple[int, float]]:
     return [(int(n1 - n0), round(t1 - t0, 3)) for (t0, n0), (t1, n1) in zip(points, points[1:])]
 
 
+def step_gc_pauses(history: list[dict]) -> list[float]:
+    """Seconds each logged interval (each step of `step_times`) spent in Python's garbage collector."""
+    points = [0.0] + [h["gc_pause_s"] for h in history if "loss" in h and "elapsed_s" in h
+                      and "num_input_tokens_seen" in h and "gc_pause_s" in h]
+    return [round(b - a, 4) for a, b in zip(points, points[1:])]
+
+
 def step_spread(steps: list[tuple[int, float]], skip: int = 5, stall: float = 2.0) -> dict[str, float | int | None]:
     """What the steps after the first `skip` were made of: the median step's tokens per second, and the
     stalls (steps that took more than `stall` x the median step's seconds per token: a kernel compiled for a
@@ -200,6 +208,7 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "gpu_memory_limit_gib": record.get("gpu_memory_limit_gib"),
         "curve": points,
         "step_times": steps,
+        "step_gc_pauses": step_gc_pauses(history),
     }
 
 

@@ -36,6 +36,7 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
         assert 0 < run["final_loss"] < 20
         assert len(run["step_times"]) == run["steps"] and sum(n for n, _ in run["step_times"]) == run["real_tokens"]
         assert run["median_step_tokens_per_second"] > 0 and run["stalled_steps"] >= 0
+        assert len(run["step_gc_pauses"]) == run["steps"] and min(run["step_gc_pauses"]) >= 0  # one per step
     # one epoch each: padded or packed, all trained on exactly the same tokens (padding not counted)
     assert packed["real_tokens"] == default["real_tokens"] == recipe["real_tokens"] > 32 * 20
     # the defaults see the same 8 conversations at each step as the recipe: the same loss, step for step
@@ -80,3 +81,14 @@ def test_step_spread_tells_stalls_from_the_steady_rate():
     even = step_spread([(4000, 0.1)] * 10, skip=2)
     assert even["stalled_steps"] == 0 and even["stall_seconds"] == 0.0
     assert step_spread([], skip=5)["median_step_tokens_per_second"] is None
+
+
+def test_each_steps_garbage_collector_pause_is_told_apart():
+    """The cumulative pauses on each logged step become each step's own; records without them are skipped."""
+    from bench.train import step_gc_pauses, step_times
+
+    history = [{"loss": 1.0, "elapsed_s": 0.1 * (i + 1), "num_input_tokens_seen": 100 * (i + 1), "gc_pause_s": g}
+               for i, g in enumerate([0.0, 0.002, 0.502, 0.503])]
+    history.append({"train_runtime": 0.4})
+    assert step_gc_pauses(history) == [0.0, 0.002, 0.5, 0.001]
+    assert len(step_gc_pauses(history)) == len(step_times(history))

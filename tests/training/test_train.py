@@ -69,7 +69,8 @@ def test_a_run_writes_its_adapter_record_history_and_plot(trained):
     assert record["global_step"] == 6 and record["backend"] == "transformers" and record["tokens_per_second"] > 0
     assert record["config"]["lora_r"] == 16 and record["versions"]["trl"] == "1.12.0"
     assert set(record["garbage_collection"]) == {"gen0", "gen1", "gen2"} and record["config"]["gc_freeze"] is True
-    assert record["garbage_collection"]["gen2"]["collections"] >= 1  # the freeze after 5 steps collects first
+    paused = [h["gc_pause_s"] for h in json.loads((out / "history.json").read_text()) if "loss" in h]
+    assert len(paused) == 6 and paused == sorted(paused)  # each logged step: the pauses so far
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -365,9 +366,13 @@ def test_training_freezes_what_is_alive_from_the_collector_and_lets_go_at_the_en
         del cycle
         gc.collect()
         assert alive() is None  # made during training: still collected
+        kept = [Node() for _ in range(100)]  # made during the first steps, alive after them (compiled graphs)
+        state.global_step = 4
+        callback.on_step_end(None, state, None)
+        assert gc.get_freeze_count() < frozen + len(kept)  # not yet
         state.global_step = 5
         callback.on_step_end(None, state, None)
-        assert gc.get_freeze_count() >= frozen
+        assert gc.get_freeze_count() >= frozen + len(kept)  # frozen too, 5 steps in
         callback.on_train_end(None, state, None)
         assert gc.get_freeze_count() == 0 and callback.pauses._timer not in gc.callbacks
         record = callback.record()
