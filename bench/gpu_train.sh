@@ -74,13 +74,15 @@ PY
       done
       python - "$out" <<'PY'
 import glob, json, os, sys
-print("| run | tok/s after SKIP steps | median step tok/s | stalls (s) | peak GiB | final loss |\n|---|---|---|---|---|---|")
+print("| run | tok/s after SKIP steps | median step tok/s | stalls (s) | peak GiB | final loss | host: CUDA launch / Python call us |\n|---|---|---|---|---|---|---|")
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "ab-*-*.json")), key=os.path.getmtime):
-    for r in json.load(open(path))["runs"]:
+    result = json.load(open(path)); h = result.get("host") or {}
+    for r in result["runs"]:
         if "error" in r:
-            print(f"| {os.path.basename(path)} | failed: {r['error'][:80]} | | | | |"); continue
+            print(f"| {os.path.basename(path)} | failed: {r['error'][:80]} | | | | | |"); continue
         print(f"| {os.path.basename(path)[3:-5]} | {r['steady_tokens_per_second']} | {r['median_step_tokens_per_second']} | "
-              f"{r['stalled_steps']} ({r['stall_seconds']}) | {r['peak_memory_gib']} | {r['final_loss']:.4f} |")
+              f"{r['stalled_steps']} ({r['stall_seconds']}) | {r['peak_memory_gib']} | {r['final_loss']:.4f} | "
+              f"{h.get('cuda_launch_us')} / {h.get('python_us')} |")
 PY
       ;;
     *) echo "unknown stage $stage" ;;

@@ -38,6 +38,10 @@ collector), and after the first `--skip-steps` the table gives the
 median step's rate and the stalls: steps slower than twice the median step per token, with the seconds
 they cost beyond it. A steady rate far below the median step's says the run stalled (compiling, most
 often), not that the GPU was slow.
+
+A step of the lab's size is host-bound on an H200 (the host launches the kernels through Python), so the same
+settings run at different rates on machines whose hosts differ. Before the presets, `bench.host_probe` measures
+the host (a Python call, a PyTorch op, a CUDA launch, the processor's name), kept as `host` in the JSON.
 """
 from __future__ import annotations
 
@@ -212,6 +216,16 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
     }
 
 
+def host_speed() -> dict | None:
+    """`bench.host_probe` in a process of its own (this one then holds no GPU memory while the presets train):
+    how fast the host drives PyTorch, which a host-bound step's rate follows. None (and a note) if it fails."""
+    proc = subprocess.run([sys.executable, "-m", "bench.host_probe"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        print(f"bench train: the host probe failed: {proc.stderr.strip()[-300:]}", file=sys.stderr, flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def table(rows: list[dict], skip: int = 5) -> str:
     head = (f"| preset | settings | steps | real tokens | tok/s | tok/s after {skip} steps | median step tok/s | stalls (s) "
             "| peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -261,6 +275,10 @@ def main(argv: list[str]) -> int:
             from training.synthetic import write_finetome_like
 
             data = write_finetome_like(out / "finetome-like.jsonl", args.examples, seed=args.seed)
+        host = host_speed()
+        if host:
+            print(f"bench train: host {host['cpu']} ({host['cpus']} CPUs): a Python call {host['python_us']} us, a torch op "
+                  f"{host['torch_op_us']} us, a CUDA launch {host['cuda_launch_us']} us", file=sys.stderr, flush=True)
         lengths = conversation_tokens(data, args.base_model)
         mean_tokens = sum(min(n, args.max_seq_length) for n in lengths) / len(lengths)
         print(f"bench train: {len(lengths)} conversations, {mean_tokens:.0f} tokens on average", file=sys.stderr, flush=True)
@@ -270,7 +288,7 @@ def main(argv: list[str]) -> int:
                 recipe = rows[0]
                 mean_tokens = recipe["real_tokens"] / min(recipe["steps"] * RECIPE_SEQUENCES, len(lengths) * args.epochs)
             rows.append(run_preset(name, args, data, out, mean_tokens, index))
-    result: dict = {"conversations": len(lengths), "mean_tokens": round(mean_tokens, 1), "runs": rows}
+    result: dict = {"conversations": len(lengths), "mean_tokens": round(mean_tokens, 1), "host": host, "runs": rows}
     print(table(rows, args.skip_steps))
     ok = [r for r in rows if "error" not in r and r["curve"]]
     if len(ok) >= 2:

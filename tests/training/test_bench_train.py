@@ -44,6 +44,13 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     assert result["loss_gaps"]["default"]["max_abs_gap"] < 0.01, result["loss_gaps"]
     assert set(result["loss_gaps"]["packed"]) == {"mean_abs_gap", "max_abs_gap", "final_gap", "from_share"}
     assert "| recipe |" in proc.stdout and "| default |" in proc.stdout and "| packed |" in proc.stdout
+    # the host the figures were measured on, by bench.host_probe in a process of its own
+    import torch
+
+    host = result["host"]
+    assert host["cpu"] and host["cpus"] >= 1 and host["python_us"] > 0 and host["torch_op_us"] > 0
+    assert (host["cuda_launch_us"] is None) == (not torch.cuda.is_available())
+    assert f"a torch op {host['torch_op_us']} us" in proc.stderr
 
 
 def test_presets_join_with_plus_and_an_unknown_one_is_refused_before_anything_runs(tmp_path):

@@ -1,0 +1,103 @@
+"""How fast this box's host drives PyTorch: what a host-bound training step depends on.
+
+    python -m bench.host_probe          # one JSON object on stdout
+
+A training step of the 1B shape with the lab's 8 conversations is the host's, not the GPU's (docs/training.md,
+session 10: ~1,400-1,900 kernel launches a step through unsloth's and PyTorch's Python), and the same code
+measured 20,000-44,000 tokens/s on H200 machines of the same kind. This says how fast the host was, so runs on
+different machines can be read together:
+
+- `python_us`: one call of a small Python function with an attribute read and a dict write, best of 5 runs
+  (the interpreter's speed);
+- `torch_op_us`: one `add_` on a one-element CPU tensor (PyTorch's Python binding and dispatcher);
+- `cuda_launch_us`: the host's time to queue one `add_` on a one-element CUDA tensor, the GPU kept ahead of
+  (None without CUDA);
+- `cpu`: the processor's name as the kernel reports it, and `cpus` the cores this process may use.
+
+Each figure is the best of several runs, so that a passing stall of the box does not count. `shallow bench
+train` runs it in a process of its own before its presets (so that the bench's own process holds no GPU
+memory) and keeps the result as `host` in its JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+RUNS = 5
+
+
+def _best(fn, n: int) -> float:
+    """Microseconds per call of fn over n calls, the best of RUNS runs."""
+    best = float("inf")
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        fn(n)
+        best = min(best, time.perf_counter() - start)
+    return round(best / n * 1e6, 3)
+
+
+def _python(n: int) -> None:
+    class Box:
+        value = 1
+
+    box, seen = Box(), {}
+
+    def step(i: int) -> None:
+        seen[i & 255] = box.value + i
+
+    for i in range(n):
+        step(i)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def probe() -> dict:
+    import torch
+
+    result: dict = {"cpu": cpu_name(), "cpus": len(os.sched_getaffinity(0)), "python_us": _best(_python, 200_000)}
+    x = torch.zeros(1)
+
+    def cpu_ops(n: int) -> None:
+        for _ in range(n):
+            x.add_(1)
+
+    result["torch_op_us"] = _best(cpu_ops, 20_000)
+    result["cuda_launch_us"] = None
+    if torch.cuda.is_available():
+        y = torch.zeros(1, device="cuda")
+
+        def launches(n: int) -> None:
+            for _ in range(n):
+                y.add_(1)  # queued: the host's cost of a launch (the GPU runs each in a few microseconds)
+
+        launches(200)
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(RUNS):
+            start = time.perf_counter()
+            launches(2000)
+            best = min(best, time.perf_counter() - start)
+            torch.cuda.synchronize()
+        result["cuda_launch_us"] = round(best / 2000 * 1e6, 3)
+        result["gpu"] = torch.cuda.get_device_name()
+    return result
+
+
+def main() -> int:
+    print(json.dumps(probe()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
