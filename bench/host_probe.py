@@ -65,7 +65,8 @@ def cpu_name() -> str:
 def probe() -> dict:
     import torch
 
-    result: dict = {"cpu": cpu_name(), "cpus": len(os.sched_getaffinity(0)), "python_us": _best(_python, 200_000)}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    result: dict = {"cpu": cpu_name(), "cpus": cpus, "python_us": _best(_python, 200_000)}
     x = torch.zeros(1)
 
     def cpu_ops(n: int) -> None:
