@@ -99,3 +99,18 @@ def test_each_steps_garbage_collector_pause_is_told_apart():
     history.append({"train_runtime": 0.4})
     assert step_gc_pauses(history) == [0.0, 0.002, 0.5, 0.001]
     assert len(step_gc_pauses(history)) == len(step_times(history))
+
+
+def test_the_host_probe_measures_this_host_and_a_failed_probe_is_said(monkeypatch, capsys):
+    """bench.host_probe in a process of its own gives this host's figures; if it fails, the bench says so and
+    goes on without them (None in the JSON)."""
+    import subprocess as sp
+
+    import bench.train as bench_train
+
+    host = bench_train.host_speed()
+    assert host is not None and host["cpus"] >= 1 and 0 < host["python_us"] < 1000 and 0 < host["torch_op_us"] < 10000
+    monkeypatch.setattr(bench_train.subprocess, "run",
+                        lambda *a, **k: sp.CompletedProcess(a[0], 1, stdout="", stderr="ImportError: no torch here"))
+    assert bench_train.host_speed() is None
+    assert "the host probe failed (the runs go on without it): ImportError: no torch here" in capsys.readouterr().err
