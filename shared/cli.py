@@ -12,7 +12,7 @@ import sys
 
 from shared.errors import ConfigError, ModelNotFound, RedisUnavailable, ShallowError
 from shared.protocol import Mode
-from shared.settings import Settings
+from shared.settings import Settings, keep_compiled_kernels
 
 logger = logging.getLogger("shallow")
 
@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rest = rest
     try:
         settings = Settings.from_env()
+        keep_compiled_kernels(settings.cache_dir)  # before anything compiles a kernel (worker, train, bench)
         return int(args.func(args, settings) or 0)
     except ShallowError as exc:
         print(f"shallow {args.command}: {exc}", file=sys.stderr)

@@ -16,6 +16,23 @@ LAB_BASE_MODEL = "unsloth/Llama-3.2-1B-Instruct-bnb-4bit"
 LAB_ADAPTER = "rishivijayvargiya/id2223_lab2_base_model"
 
 
+KERNEL_CACHES = (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"))
+
+
+def keep_compiled_kernels(cache_dir: Path) -> dict[str, str]:
+    """Keep the GPU kernels that PyTorch's compiler (Inductor) and Triton compile under the model cache
+    (`SHALLOW_CACHE_DIR/kernels/inductor` and `.../triton`), unless TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR
+    already say where. Their own defaults (/tmp/torchinductor_USER, ~/.triton/cache) are in a container's own
+    files, lost whenever it is recreated, so each new worker or training container compiled everything again:
+    the first training run on a fresh H200 ran at about half its later rate while it compiled (docs/training.md,
+    session 7), and the compiled serving step takes minutes to build. Both read these variables when they
+    first need the folder, so this must run before anything compiles; the command line does it first."""
+    for var, name in KERNEL_CACHES:
+        if not os.environ.get(var):
+            os.environ[var] = str(Path(cache_dir).absolute() / "kernels" / name)
+    return {var: os.environ[var] for var, _ in KERNEL_CACHES}
+
+
 def _home() -> Path:
     return Path(os.environ.get("SHALLOW_HOME") or Path.home() / ".shallow")
 

@@ -80,3 +80,55 @@ def test_auto_picks_llamacpp_without_cuda_when_a_gguf_is_set(monkeypatch, tmp_pa
     monkeypatch.setenv("SHALLOW_BACKEND", "llama")
     with pytest.raises(ConfigError, match="llamacpp"):
         Settings.from_env()
+
+
+def test_compiled_kernels_are_kept_under_the_model_cache_unless_told_otherwise(monkeypatch, tmp_path):
+    import os
+
+    from shared.settings import keep_compiled_kernels
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice stays
+    assert keep_compiled_kernels(tmp_path / "cache") == {
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "kernels" / "inductor"),
+        "TRITON_CACHE_DIR": str(tmp_path / "mine"),
+    }
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "kernels" / "inductor")
+
+
+COMPILE_ONCE = """
+import json, os, sys
+from shared.cli import main
+code = main(["status"])  # any command: the command line points the kernel caches first (here Redis is unreachable)
+import torch
+from torch._dynamo.utils import counters
+f = torch.compile(lambda x: torch.nn.functional.silu(x) * x + 1)
+f(torch.randn(64))
+print(json.dumps({"code": code, "dir": os.environ["TORCHINDUCTOR_CACHE_DIR"], "triton": os.environ["TRITON_CACHE_DIR"],
+                  "hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_new_process_over_the_same_cache_finds_the_kernels_compiled(tmp_path):
+    """What a recreated container over the same volume gets: the second process compiles nothing (a cache hit)."""
+    import json
+    import os
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler: PyTorch's compiler cannot build CPU kernels here")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env.update(REDIS_URL="redis://127.0.0.1:1/0", SHALLOW_HOME=str(tmp_path / "home"), SHALLOW_CACHE_DIR=str(tmp_path / "volume"))
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", COMPILE_ONCE], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["code"] == second["code"] == 2
+    assert first["dir"] == str(tmp_path / "volume" / "kernels" / "inductor")
+    assert first["triton"] == str(tmp_path / "volume" / "kernels" / "triton")
+    assert (first["miss"], first["hit"]) == (1, 0)  # compiled, and kept under the volume
+    assert any((tmp_path / "volume" / "kernels" / "inductor").rglob("*.py"))
+    assert (second["miss"], second["hit"]) == (0, 1)  # found compiled
