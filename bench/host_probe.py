@@ -15,17 +15,22 @@ different machines can be read together:
 - `cpu`: the processor's name as the kernel reports it, and `cpus` the cores this process may use.
 
 Each figure is the best of several runs, so that a passing stall of the box does not count. `shallow bench
-train` runs it in a process of its own before its presets (so that the bench's own process holds no GPU
-memory) and keeps the result as `host` in its JSON.
+train` runs it (`measure`) in a process of its own before its presets (so that the bench's own process holds no
+GPU memory) and keeps the result as `host` in its JSON; `shallow bench` keeps it in each row's `extra`, since
+the pipeline's overhead is the host's Python too.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 RUNS = 5
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _best(fn, n: int) -> float:
@@ -93,6 +98,23 @@ def probe() -> dict:
         result["cuda_launch_us"] = round(best / 2000 * 1e6, 3)
         result["gpu"] = torch.cuda.get_device_name()
     return result
+
+
+def measure(who: str) -> dict | None:
+    """`probe()` in a process of its own (the caller then holds no GPU memory), its result as a dict, and one line
+    on stderr saying it (`who`: the command's name). None, and a line saying why, if it fails: a benchmark goes on."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.host_probe"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            host = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{who}: host {host['cpu']} ({host['cpus']} CPUs): a Python call {host['python_us']} us, a torch op "
+                  f"{host['torch_op_us']} us, a CUDA launch {host['cuda_launch_us']} us", file=sys.stderr, flush=True)
+            return host
+        why = proc.stderr.strip()[-300:]
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        why = str(exc)
+    print(f"{who}: the host probe failed (the runs go on without it): {why}", file=sys.stderr, flush=True)
+    return None
 
 
 def main() -> int:

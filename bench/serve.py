@@ -519,6 +519,9 @@ def main(argv: list[str], settings: Settings) -> int:
         os.environ["SHALLOW_MAX_NEW_TOKENS"] = str(args.new_tokens)  # the workers it starts allow this length
     rows: list[Row] = []
     run_id = f"{int(time.time())}-{os.getpid()}"
+    from bench.host_probe import measure
+
+    host = measure("bench")  # before anything loads: the pipeline's overhead is the host's Python, and hosts differ
     if args.direct:
         from worker.backends import load_backend
 
@@ -543,6 +546,7 @@ def main(argv: list[str], settings: Settings) -> int:
                 print(table(rows[-1:]), flush=True)
     for row in rows:
         row.extra["label"] = args.label
+        row.extra["host"] = host
     print()
     if args.label:
         print(f"{args.label}:")

@@ -54,6 +54,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.host_probe import measure as measure_host
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_SEQUENCES = 8  # 2 x 4: the lab's conversations per optimizer step
 
@@ -216,20 +218,6 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
     }
 
 
-def host_speed() -> dict | None:
-    """`bench.host_probe` in a process of its own (this one then holds no GPU memory while the presets train):
-    how fast the host drives PyTorch, which a host-bound step's rate follows. None (and a note) if it fails."""
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.host_probe"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0:
-            return json.loads(proc.stdout.strip().splitlines()[-1])
-        why = proc.stderr.strip()[-300:]
-    except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
-        why = str(exc)
-    print(f"bench train: the host probe failed (the runs go on without it): {why}", file=sys.stderr, flush=True)
-    return None
-
-
 def table(rows: list[dict], skip: int = 5) -> str:
     head = (f"| preset | settings | steps | real tokens | tok/s | tok/s after {skip} steps | median step tok/s | stalls (s) "
             "| peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -279,10 +267,7 @@ def main(argv: list[str]) -> int:
             from training.synthetic import write_finetome_like
 
             data = write_finetome_like(out / "finetome-like.jsonl", args.examples, seed=args.seed)
-        host = host_speed()
-        if host:
-            print(f"bench train: host {host['cpu']} ({host['cpus']} CPUs): a Python call {host['python_us']} us, a torch op "
-                  f"{host['torch_op_us']} us, a CUDA launch {host['cuda_launch_us']} us", file=sys.stderr, flush=True)
+        host = measure_host("bench train")
         lengths = conversation_tokens(data, args.base_model)
         mean_tokens = sum(min(n, args.max_seq_length) for n in lengths) / len(lengths)
         print(f"bench train: {len(lengths)} conversations, {mean_tokens:.0f} tokens on average", file=sys.stderr, flush=True)

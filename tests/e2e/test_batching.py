@@ -105,6 +105,7 @@ def test_bench_runs_end_to_end_and_direct(env, tmp_path):
         assert set(split) == {"rq_start", "before_model", "flush", "enqueue", "commit", "rest"}, split
         assert all(split[k]["p50"] >= 0 for k in ("rq_start", "before_model", "flush", "enqueue", "commit"))
         assert split["before_model"]["p50"] > 0  # the job reads its history and fits its prompt before the model
+        assert r["extra"]["host"]["python_us"] > 0 and r["extra"]["host"]["cpus"] >= 1  # the host it ran on
     assert "| end-to-end | 3 |" in proc.stdout and "before_model p50 / p95 ms" in proc.stdout and "commit p50 / p95 ms" in proc.stdout
     direct = subprocess.run([*base, "--direct", "--channels", "2", "--json", str(out)],
                             env=environ, cwd=ROOT, capture_output=True, text=True, timeout=600)

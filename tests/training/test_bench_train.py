@@ -106,11 +106,12 @@ def test_the_host_probe_measures_this_host_and_a_failed_probe_is_said(monkeypatc
     goes on without them (None in the JSON)."""
     import subprocess as sp
 
-    import bench.train as bench_train
+    import bench.host_probe as host_probe
 
-    host = bench_train.host_speed()
+    host = host_probe.measure("bench train")
     assert host is not None and host["cpus"] >= 1 and 0 < host["python_us"] < 1000 and 0 < host["torch_op_us"] < 10000
-    monkeypatch.setattr(bench_train.subprocess, "run",
+    assert f"bench train: host {host['cpu']} ({host['cpus']} CPUs)" in capsys.readouterr().err
+    monkeypatch.setattr(host_probe.subprocess, "run",
                         lambda *a, **k: sp.CompletedProcess(a[0], 1, stdout="", stderr="ImportError: no torch here"))
-    assert bench_train.host_speed() is None
-    assert "the host probe failed (the runs go on without it): ImportError: no torch here" in capsys.readouterr().err
+    assert host_probe.measure("bench train") is None
+    assert "bench train: the host probe failed (the runs go on without it): ImportError: no torch here" in capsys.readouterr().err
