@@ -8,6 +8,9 @@
 #             done SKIP (20) of its STEPS (300) steps (NATIVE=1: with C frames), then the top functions (bench.stacks)
 #     profile torch.profiler over 5 steps after SKIP (40) of STEPS (50): top GPU and host operations (ARGS, TAG)
 #     long    peak memory with 8 conversations of 2,048 tokens a step (the longest the defaults allow), PRESETS
+#     kernels what keeping the compiled kernels saves a new process (a recreated container): the defaults for STEPS (40)
+#             steps, twice, in fresh processes over one new kernel cache (SHALLOW_CACHE_DIR): the first compiles, the
+#             second finds them; each run's training seconds, its first steps and its rate
 #     ab      the presets in AB (space-separated, default "default nofreeze") taken in turns, ROUNDS (2) times, after
 #             one untimed run of WARM (30) steps that compiles the kernels: each a `bench` run of STEPS (100), the
 #             steady rate after SKIP (50); then each run's steady and median-step rate. Runs of the same settings
@@ -85,6 +88,27 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "ab-*-*.json")), key=os.p
               f"{h.get('cuda_launch_us')} / {h.get('python_us')} |")
 PY
       ;;
+    kernels)
+      kc=$(mktemp -d /tmp/shallow-kernels-XXXX)
+      for run in cold warm; do
+        SHALLOW_CACHE_DIR=$kc python -m shared.cli bench train --base-model "$base" --data "$data" --steps ${STEPS:-40} --skip-steps 5 \
+          --presets default --json "$out/kernels-$run.json" -- --warmup-steps 5 ${ARGS:-} > "$out/kernels-$run.log" 2>&1
+      done
+      python - "$out" "$kc" <<'PY'
+import json, os, subprocess, sys
+print("| run | training s | steps 1-3 s | tok/s, whole run | tok/s after 5 steps | kernel cache |\n|---|---|---|---|---|---|")
+for run in ("cold", "warm"):
+    path = os.path.join(sys.argv[1], f"kernels-{run}.json")
+    if not os.path.exists(path):
+        print(f"| {run} | no result: see kernels-{run}.log | | | | |"); continue
+    for r in json.load(open(path))["runs"]:
+        if "error" in r:
+            print(f"| {run} | failed: {r['error'][:80]} | | | | |"); continue
+        first = ", ".join(f"{t:.1f}" for _, t in r["step_times"][:3])
+        size = subprocess.run(["du", "-sh", sys.argv[2]], capture_output=True, text=True).stdout.split()[0]
+        print(f"| {run} | {r['train_seconds']} | {first} | {r['tokens_per_second']} | {r['steady_tokens_per_second']} | {size} |")
+PY
+      rm -rf "$kc" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
