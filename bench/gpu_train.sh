@@ -10,7 +10,8 @@
 #     long    peak memory with 8 conversations of 2,048 tokens a step (the longest the defaults allow), PRESETS
 #     kernels what keeping the compiled kernels saves a new process (a recreated container): the defaults for STEPS (40)
 #             steps, twice, in fresh processes over one new kernel cache (SHALLOW_CACHE_DIR): the first compiles, the
-#             second finds them; each run's training seconds, its first steps and its rate
+#             second finds them; each run's training seconds, its first steps and its rate (unsloth's generated
+#             Python, ./unsloth_compiled_cache, is not in that cache and stays warm for both)
 #     ab      the presets in AB (space-separated, default "default nofreeze") taken in turns, ROUNDS (2) times, after
 #             one untimed run of WARM (30) steps that compiles the kernels: each a `bench` run of STEPS (100), the
 #             steady rate after SKIP (50); then each run's steady and median-step rate. Runs of the same settings
@@ -96,17 +97,17 @@ PY
       done
       python - "$out" "$kc" <<'PY'
 import json, os, subprocess, sys
-print("| run | training s | steps 1-3 s | tok/s, whole run | tok/s after 5 steps | kernel cache |\n|---|---|---|---|---|---|")
+print("| run | training s | steps 1-3 s | tok/s, whole run | tok/s after 5 steps |\n|---|---|---|---|---|")
 for run in ("cold", "warm"):
     path = os.path.join(sys.argv[1], f"kernels-{run}.json")
     if not os.path.exists(path):
-        print(f"| {run} | no result: see kernels-{run}.log | | | | |"); continue
+        print(f"| {run} | no result: see kernels-{run}.log | | | |"); continue
     for r in json.load(open(path))["runs"]:
         if "error" in r:
-            print(f"| {run} | failed: {r['error'][:80]} | | | | |"); continue
+            print(f"| {run} | failed: {r['error'][:80]} | | | |"); continue
         first = ", ".join(f"{t:.1f}" for _, t in r["step_times"][:3])
-        size = subprocess.run(["du", "-sh", sys.argv[2]], capture_output=True, text=True).stdout.split()[0]
-        print(f"| {run} | {r['train_seconds']} | {first} | {r['tokens_per_second']} | {r['steady_tokens_per_second']} | {size} |")
+        print(f"| {run} | {r['train_seconds']} | {first} | {r['tokens_per_second']} | {r['steady_tokens_per_second']} |")
+print("kernel cache after both:", subprocess.run(["du", "-sh", sys.argv[2]], capture_output=True, text=True).stdout.split()[0])
 PY
       rm -rf "$kc" ;;
     *) echo "unknown stage $stage" ;;
