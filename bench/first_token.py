@@ -50,8 +50,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reply {i}: {len(ids)} prompt tokens, encode {encode * 1000:.1f} ms, prefill alone {prefill * 1000:.1f} ms, "
               f"first piece {first * 1000 if first else float('nan'):.1f} ms, {gen.completion_tokens} tokens in "
               f"{total * 1000:.1f} ms: {gen.completion_tokens / total:.1f} tok/s")
+        print("  " + timeline(backend.engine, ids, settings.generation, args.new_tokens))
     backend.close()
     return 0
+
+
+def timeline(engine, ids: list[int], gen, new_tokens: int) -> str:
+    """One reply's token ids straight through the engine (no text), with the engine's marks: ms from the submit."""
+    import time
+
+    from worker.engine import Request
+
+    request = Request(ids=ids, max_new_tokens=new_tokens, eos=frozenset(), temperature=gen.temperature, top_p=gen.top_p,
+                      repetition_penalty=gen.repetition_penalty, marks=[])
+    t0 = time.perf_counter()
+    engine.submit(request)
+    got, first = 0, None
+    while True:
+        item = request.out.get(timeout=60)
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:
+            break
+        if first is None:
+            first = time.perf_counter()
+        got += len(item)
+    end = time.perf_counter()
+    marks = ", ".join(f"{name} {(t - t0) * 1000:.1f}" for name, t in request.marks)
+    return (f"engine alone (ms from submit): {marks}, first tokens out {(first - t0) * 1000:.1f}, {got} tokens at "
+            f"{(end - t0) * 1000:.1f} ({got / (end - t0):.1f} tok/s; after the first: "
+            f"{(end - first) * 1000 / max(1, got - 1):.3f} ms a token)")
 
 
 if __name__ == "__main__":

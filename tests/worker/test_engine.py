@@ -206,3 +206,25 @@ def test_a_prompt_counted_then_streamed_is_rendered_once(backends):
             assert backend.encode([{"role": "user", "content": "Other."}]) != fresh and len(calls) == 3
         finally:
             tokenizer.apply_chat_template = real
+
+
+def test_a_reply_asked_for_its_timeline_gets_each_step_in_order(backends):
+    """`Request.marks` (what `bench.first_token` prints): admitted, prefill queued, first launch queued, first
+    tokens ready, each once and in that order; a request that did not ask records nothing."""
+    from worker.engine import Request
+
+    _, batched, greedy = backends
+    ids = batched.encode(PROMPTS[1])
+    asked = Request(ids=ids, max_new_tokens=9, eos=frozenset(), temperature=0.0, top_p=1.0, repetition_penalty=1.1, marks=[])
+    plain = Request(ids=ids, max_new_tokens=9, eos=frozenset(), temperature=0.0, top_p=1.0, repetition_penalty=1.1)
+    for request in (asked, plain):
+        batched.engine.submit(request)
+        got = []
+        while (item := request.out.get(timeout=120)) is not None:
+            assert not isinstance(item, BaseException)
+            got += item
+        assert len(got) == 9
+    assert [name for name, _ in asked.marks] == ["admit", "prefill queued", "first launch queued", "first tokens ready"]
+    times = [t for _, t in asked.marks]
+    assert times == sorted(times)
+    assert plain.marks is None
