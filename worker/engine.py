@@ -129,6 +129,7 @@ class Request:
     repetition_penalty: float
     out: queue.Queue = field(default_factory=queue.Queue)  # lists of new token ids, then None (done) or an exception
     generated: int = 0
+    queued: int = 0  # tokens the launches queued so far will have written for it (the prefill's first one included)
     cancelled: bool = False
     finished: bool = False  # ended (or cancelled and let go): tokens still in flight for it are dropped
     engine_id: str = ""  # the paged engine's own name for it
@@ -346,19 +347,28 @@ class SlotEngine:
         new = 0
         if self.waiting and len(self.live) < self.rows:
             new = self._admit()
-        if self.live:
-            self._launch(new)
-        while len(self.pending) > (self.ahead if self.live else 0):
+        launched = self._launch(new) if self.live else False
+        # one launch stays queued ahead while more were queued; once every live reply has all the steps it needs
+        # queued, they are all handed out (no launch is queued only to be thrown away, nor waited for)
+        while len(self.pending) > (self.ahead if launched else 0):
             self._harvest(self.pending.popleft())
 
-    def _launch(self, new: int) -> None:
-        """Queue `steps` decoding steps for the live rows and the copy of their tokens to the host."""
+    def _launch(self, new: int) -> bool:
+        """Queue decoding steps for the live rows and the copy of their tokens to the host; False when none was
+        needed: every live reply already has the steps it needs to reach its limit queued (a new reply's first
+        token still goes out, in a launch of no steps if need be).
+
+        4 steps (8 above FEW_ROWS rows), fewer when no live reply needs that many more: a reply's last launch
+        is as long as it needs, and none is queued ahead only to be thrown away."""
+        n = len(self.live)
+        need = max(r.max_new_tokens - r.queued for r in self.live)
+        steps = min(STEPS if n > FEW_ROWS else STEPS // 2, max(need, 0))
+        if steps == 0 and not new:
+            return False
         if self.t + STEPS > self.length:
             self._shift(min(self.starts))
-        n = len(self.live)
         b = next(size for size in self.row_buckets if size >= n)
         length = next(size for size in self.len_buckets if size >= self.t + STEPS)
-        steps = STEPS if n > FEW_ROWS else STEPS // 2
         self.col.zero_()
         graph = self.graphs.get((b, length))
         for _ in range(steps):
@@ -372,11 +382,16 @@ class SlotEngine:
         if self.ready[slot] is not None:
             self.ready[slot].record()
         self.pending.append(_Launch(slot=slot, owners=list(self.live), steps=steps, new=range(n - new, n)))
+        for request in self.live:
+            request.queued += steps
         for request in self.live[n - new:]:
             _mark(request, "first launch queued")
+        return True
 
     def _harvest(self, launch: _Launch) -> None:
         """Wait for a launch's tokens (without the interpreter lock) and hand them to their replies."""
+        if all(request.finished for request in launch.owners):
+            return  # its replies ended (or were cancelled) since: nothing to wait for
         ready = self.ready[launch.slot]
         if ready is not None:
             ready.synchronize()
@@ -523,6 +538,7 @@ class SlotEngine:
         self.start[rows] = t - lengths
         self.seen[rows].scatter_(1, first[:, None], True)
         for request in batch:
+            request.queued = 1  # the first token, sampled from the prefill
             _mark(request, "prefill queued")
         self.live.extend(batch)
         self.starts.extend(t - len(r.ids) for r in batch)

@@ -228,3 +228,26 @@ def test_a_reply_asked_for_its_timeline_gets_each_step_in_order(backends):
     times = [t for _, t in asked.marks]
     assert times == sorted(times)
     assert plain.marks is None
+
+
+def test_a_reply_gets_the_steps_it_needs_and_no_launch_past_its_limit(backends):
+    """One reply alone (4 steps a launch here): 10 tokens are the prefill's first and 9 steps, so launches of 4,
+    4 and 1 steps, and none queued ahead after the last (it would only be thrown away, and the next reply's
+    prefill would wait behind it); a reply of one token, the prefill's, is handed out by a launch of no steps."""
+    from worker.engine import Request
+
+    _, batched, _ = backends
+    engine = batched.engine
+    ids = batched.encode(PROMPTS[4])
+    for tokens, launches in ((10, 3), (9, 2), (1, 1)):
+        request = Request(ids=ids, max_new_tokens=tokens, eos=frozenset(), temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+        before, t = engine.launches, None
+        engine.submit(request)
+        got = []
+        while (item := request.out.get(timeout=120)) is not None:
+            assert not isinstance(item, BaseException)
+            got += item
+        assert len(got) == tokens
+        time.sleep(0.3)  # the engine would have queued a launch ahead by now
+        assert engine.launches - before == launches
+        assert request.queued == tokens
