@@ -359,10 +359,14 @@ class SlotEngine:
         token still goes out, in a launch of no steps if need be).
 
         4 steps (8 above FEW_ROWS rows), fewer when no live reply needs that many more: a reply's last launch
-        is as long as it needs, and none is queued ahead only to be thrown away."""
+        is as long as it needs, and none is queued ahead only to be thrown away. None in a launch that brings new
+        replies in at few rows (below)."""
         n = len(self.live)
         need = max(r.max_new_tokens - r.queued for r in self.live)
-        steps = min(STEPS if n > FEW_ROWS else STEPS // 2, max(need, 0))
+        # Up to FEW_ROWS rows, the launch that brings new replies in has no steps: their first tokens (sampled from
+        # the prefill) go out as soon as the prefill is done, not 4 steps later, and the steps follow in the next
+        # launch, queued at once. Above, admissions come often and each would cost a launch of its own.
+        steps = 0 if new and n <= FEW_ROWS else min(STEPS if n > FEW_ROWS else STEPS // 2, max(need, 0))
         if steps == 0 and not new:
             return False
         if self.t + STEPS > self.length:

@@ -231,17 +231,17 @@ def test_a_reply_asked_for_its_timeline_gets_each_step_in_order(backends):
 
 
 def test_a_reply_gets_the_steps_it_needs_and_no_launch_past_its_limit(backends):
-    """One reply alone (4 steps a launch here): 10 tokens are the prefill's first and 9 steps, so launches of 4,
-    4 and 1 steps, and none queued ahead after the last (it would only be thrown away, and the next reply's
-    prefill would wait behind it); a reply of one token, the prefill's, is handed out by a launch of no steps."""
+    """One reply alone (4 steps a launch here): its first launch has no steps, so that the prefill's token goes
+    out at once; then 10 tokens are that one and 9 steps, launches of 4, 4 and 1, and none queued ahead after the
+    last (it would only be thrown away, and the next reply's prefill would wait behind it)."""
     from worker.engine import Request
 
     _, batched, _ = backends
     engine = batched.engine
     ids = batched.encode(PROMPTS[4])
-    for tokens, launches in ((10, 3), (9, 2), (1, 1)):
+    for tokens, steps in ((10, [0, 4, 4, 1]), (9, [0, 4, 4]), (1, [0])):
         request = Request(ids=ids, max_new_tokens=tokens, eos=frozenset(), temperature=0.0, top_p=1.0, repetition_penalty=1.0)
-        before, t = engine.launches, None
+        before = engine.launches
         engine.submit(request)
         got = []
         while (item := request.out.get(timeout=120)) is not None:
@@ -249,5 +249,5 @@ def test_a_reply_gets_the_steps_it_needs_and_no_launch_past_its_limit(backends):
             got += item
         assert len(got) == tokens
         time.sleep(0.3)  # the engine would have queued a launch ahead by now
-        assert engine.launches - before == launches
+        assert engine.launches - before == len(steps)
         assert request.queued == tokens
