@@ -169,10 +169,9 @@ class SlotEngine:
         # Optionally through torch.compile (dynamic shapes: one compile for every bucket): the model's forward
         # pass ("model", or True), or the whole step with the sampling and bookkeeping ("step").
         compile = "model" if compile is True else compile
+        # prefills go through `forward` too: eagerly, a prefill is ~12 ms of the host's Python for 16 layers (H200,
+        # 1B shape), most of a reply's time to its first token once the step itself is compiled
         self.forward = torch.compile(model, dynamic=True, mode=compile_mode) if compile == "model" else model
-        # prefills through the compiled forward pass too: eagerly, a prefill is ~12 ms of the host's Python for 16
-        # layers (H200, 1B shape), most of a reply's time to its first token once the step itself is compiled
-        self.prefill_forward = self.forward
         self._step = torch.compile(self._step, dynamic=True, mode=compile_mode) if compile == "step" else self._step
         self.device = model.device
         dtype = model.dtype
@@ -273,7 +272,7 @@ class SlotEngine:
 
     def _warm_prefill(self) -> None:
         """Compile the prefill's forward pass before the first reply waits for it: one prompt and two (torch.compile
-        specialises a batch of one), shorter than any real one; it writes only into rows no reply owns yet."""
+        specialises a batch of one; prompt lengths above one are one compile). Runs before any reply owns a row."""
         import torch
 
         with torch.inference_mode():
@@ -285,7 +284,7 @@ class SlotEngine:
                 mask = self.key_index[None, :keys] <= query_at[:, None]
                 window = _Window([x[:k, :, :keys] for x in self.keys], [x[:k, :, :keys] for x in self.values], query_at)
                 with self._prefill_attention():
-                    self.prefill_forward(input_ids=ids, position_ids=positions, attention_mask=mask[None, None].expand(k, 1, q, keys).contiguous(),
+                    self.forward(input_ids=ids, position_ids=positions, attention_mask=mask[None, None].expand(k, 1, q, keys).contiguous(),
                                          past_key_values=window, use_cache=True, logits_to_keep=1)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -527,7 +526,7 @@ class SlotEngine:
         for request in batch:
             _mark(request, "admit")
         with self._prefill_attention():
-            logits = self.prefill_forward(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
+            logits = self.forward(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
                                 use_cache=True, logits_to_keep=1).logits[:, -1]
         settings = self._to_device([[r.temperature, r.top_p, r.repetition_penalty] for r in batch], torch.float32)
         self.temperature[rows], self.top_p[rows], self.penalty[rows] = settings[:, 0], settings[:, 1], settings[:, 2]
