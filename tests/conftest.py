@@ -111,6 +111,7 @@ class Env:
             SHALLOW_CACHE_DIR=str(Settings.from_env().cache_dir),
             SHALLOW_HEARTBEAT_TTL="6",
             PYTHONUNBUFFERED="1",
+            SHALLOW_LOG_LEVEL="INFO",  # tests read the workers' logs: a level set in the shell must not hide them
             **TEST_GENERATION,
         )
         if os.environ.get("PYTEST_XDIST_WORKER"):

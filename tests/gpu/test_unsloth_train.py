@@ -27,7 +27,7 @@ def test_recipe_killed_resumed_and_served(llama_dir, redis_proc, processes, tmp_
     args = [sys.executable, "-m", "shared.cli", "train", "--base-model", llama_dir, "--dataset", str(data),
             "--output-dir", str(out), "--max-steps", "30", "--save-steps", "10", "--num-train-epochs", "1"]
     # the compiled kernels stay in the machine's cache (SHALLOW_CACHE_DIR/kernels), not in this test's folder
-    env = dict(os.environ, PYTHONUNBUFFERED="1", SHALLOW_HOME=str(tmp_path / "home"),
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SHALLOW_LOG_LEVEL="INFO", SHALLOW_HOME=str(tmp_path / "home"),
                SHALLOW_CACHE_DIR=str(Settings.from_env().cache_dir))
     log = open(tmp_path / "first.log", "wb")
     first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

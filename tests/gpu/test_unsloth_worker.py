@@ -55,7 +55,7 @@ def test_unsloth_worker_streams_replies_through_redis(redis_proc, processes, lla
     env = dict(
         os.environ, REDIS_URL=redis_proc.url, SHALLOW_BACKEND="unsloth", SHALLOW_BASE_MODEL=llama_dir,
         SHALLOW_ADAPTER=adapter_dir, SHALLOW_MAX_NEW_TOKENS="64", SHALLOW_TEMPERATURE="0", SHALLOW_HOME=str(tmp_path),
-        PYTHONUNBUFFERED="1", SHALLOW_CACHE_DIR=str(Settings.from_env().cache_dir),  # compiled kernels: the machine's cache
+        PYTHONUNBUFFERED="1", SHALLOW_LOG_LEVEL="INFO", SHALLOW_CACHE_DIR=str(Settings.from_env().cache_dir),  # compiled kernels: the machine's cache
     )
     worker = launch_worker(processes, env, "gpu-worker", redis_proc.client(), timeout=600)
     log = worker.log_path.read_text()
