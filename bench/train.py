@@ -27,6 +27,7 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   workers  the defaults with the batches collated by 2 DataLoader worker processes
   nofreeze the defaults with Python's garbage collector looking at everything (no `gc.freeze()`: the defaults
            before session 11)
+  cpp      the defaults with Inductor's C++ wrapper (`--cpp-wrapper`: the compiled graphs' launch code in C++)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -73,7 +74,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
     return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
-PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze")
+PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -106,6 +107,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--dataloader-num-workers", "2"]
     if name == "nofreeze":
         return ["--no-gc-freeze"]
+    if name == "cpp":
+        return ["--cpp-wrapper"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 

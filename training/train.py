@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,11 @@ class TrainConfig:
         default=True, metadata={
             "help": "keep Python's garbage collector off what exists when training starts and after its first steps "
                     "(full collections otherwise pause training for ~0.5 s each on the H200; --no-gc-freeze: off)"})
+    cpp_wrapper: bool = field(
+        default=False, metadata={
+            "help": "CUDA: the compiled graphs launch their kernels from C++ rather than Python (Inductor's C++ "
+                    "wrapper; needs a C++ compiler): steady steps 24%% shorter on an H200 in one pair of runs, the "
+                    "first steps ~1 minute longer while the wrappers compile (docs/training.md, session 14)"})
     max_gpu_memory: float | None = field(
         default=None, metadata={
             "help": "train within this many GiB of the GPU (e.g. 14.5 for a 16 GB card's budget, or to leave room for "
@@ -290,6 +296,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     base = resolve_model(cfg.base_model, settings.cache_dir, "base model")
     unsloth = _use_unsloth(cfg)
     cap_gpu_memory(cfg)
+    use_cpp_wrapper(cfg, torch.cuda.is_available())
     cfg.gradient_checkpointing = resolve_checkpointing(cfg, base)  # recorded as chosen in run.json's config
 
     resume_from = latest_checkpoint(out) if cfg.resume else None
@@ -706,6 +713,23 @@ def cap_gpu_memory(cfg: TrainConfig) -> None:
     if limit < total:
         torch.cuda.set_per_process_memory_fraction(limit / total)
     print(f"shallow train: GPU memory capped at {cfg.max_gpu_memory:g} GiB of {total / 2**30:.0f}", flush=True)
+
+
+def use_cpp_wrapper(cfg: TrainConfig, cuda: bool) -> bool:
+    """--cpp-wrapper: Inductor writes each compiled graph's launch code in C++ (what TORCHINDUCTOR_CPP_WRAPPER=1
+    does; set before anything is compiled). A lab-sized step is the host's on an H200, and the graphs' Python
+    wrappers were ~44 ms of it (session 10's profile). Without CUDA nothing is compiled: it says so."""
+    if not cfg.cpp_wrapper:
+        return False
+    if not cuda:
+        print("shallow train: --cpp-wrapper has no effect without a GPU (nothing is compiled)", flush=True)
+        return False
+    import torch._inductor.config as inductor
+
+    inductor.cpp_wrapper = True
+    os.environ["TORCHINDUCTOR_CPP_WRAPPER"] = "1"  # and in the processes this one starts
+    print("shallow train: compiled graphs with C++ wrappers (the first steps compile them)", flush=True)
+    return True
 
 
 def gpu_budget(cfg: TrainConfig) -> int:

@@ -380,3 +380,28 @@ def test_training_freezes_what_is_alive_from_the_collector_and_lets_go_at_the_en
     finally:
         gc.unfreeze()
         callback.pauses.stop()
+
+
+def test_cpp_wrapper_makes_the_compiled_graphs_launch_from_cpp_and_says_when_it_cannot(tmp_path, capsys):
+    """--cpp-wrapper, set after torch is imported (as `train` does), still reaches the compiles that follow: a
+    function compiled afterwards gets a C++ wrapper (on this CPU; unsloth's graphs on CUDA take the same path).
+    Without CUDA, `train` leaves it off and says so."""
+    from training.train import parse_config, use_cpp_wrapper
+
+    assert use_cpp_wrapper(parse_config(["--cpp-wrapper"]), cuda=False) is False
+    assert "--cpp-wrapper has no effect without a GPU" in capsys.readouterr().out
+    assert use_cpp_wrapper(parse_config([]), cuda=True) is False
+    script = (
+        "import torch\n"
+        "from torch._inductor.utils import run_and_get_code\n"
+        "from training.train import parse_config, use_cpp_wrapper\n"
+        "print('on' if use_cpp_wrapper(parse_config(['--cpp-wrapper']), cuda=True) else 'off')\n"
+        "out, code = run_and_get_code(torch.compile(lambda x: (x.sin() + 1).sum(-1)), torch.ones(4, 8))\n"
+        "assert torch.allclose(out, (torch.ones(4, 8).sin() + 1).sum(-1))\n"
+        "print('CPP' if any('cpp_wrapper' in c for c in code) else 'PYTHON')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CPP_WRAPPER"}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["on", "CPP"], done.stdout
