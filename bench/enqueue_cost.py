@@ -13,62 +13,56 @@ them open.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 import time
-from pathlib import Path
+
+from bench import own_redis
 
 WARM = 20  # untimed turns first
 
 
 def main(argv: list[str] | None = None) -> int:
     from shared.client import TurnClient
-    from shared.redis_conn import EmbeddedRedis
     from shared.settings import Settings
 
     p = argparse.ArgumentParser(prog="python -m bench.enqueue_cost")
     p.add_argument("--turns", type=int, default=1000)
     p.add_argument("--burst", default="16,64,256", help="channels that send at the same instant, comma-separated")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="shallow-enqueue-") as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis")
-        url = server.start()
-        try:
-            import dataclasses
+    with own_redis("shallow-enqueue-") as url:
+        import dataclasses
 
-            settings = dataclasses.replace(Settings.from_env(), redis_url=url, queue="enqueue-cost")
-            client = TurnClient(settings)
-            r = client.r
-            text = "Tell me about the sea, and about the ships that sail it."
-            for i in range(WARM):  # a connection opened, code paths warm (RQ reads the server's version once)
-                client.chat(f"warm-{i}", text, max_new_tokens=8)
+        settings = dataclasses.replace(Settings.from_env(), redis_url=url, queue="enqueue-cost")
+        client = TurnClient(settings)
+        r = client.r
+        text = "Tell me about the sea, and about the ships that sail it."
+        for i in range(WARM):  # a connection opened, code paths warm (RQ reads the server's version once)
+            client.chat(f"warm-{i}", text, max_new_tokens=8)
 
-            def commands() -> dict[str, int]:
-                return {k: v["calls"] for k, v in r.info("commandstats").items()}
+        def commands() -> dict[str, int]:
+            return {k: v["calls"] for k, v in r.info("commandstats").items()}
 
-            n = args.turns
-            before = commands()
-            wall, cpu = time.perf_counter(), time.process_time()
-            for i in range(n):
-                client.chat(f"one-{i}", text, max_new_tokens=8)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            after = commands()
-            per = {k.removeprefix("cmdstat_"): (v - before.get(k, 0)) / n for k, v in after.items()}
-            per.pop("info", None)  # the counting itself
-            print(f"one at a time, {n} turns: {wall / n * 1000:.2f} ms wall, {cpu / n * 1000:.2f} ms of client CPU and "
-                  f"{sum(per.values()):.1f} Redis commands per turn")
-            print("commands per turn: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.5))
-            sizes = [int(b) for b in args.burst.split(",") if b.strip()]
-            for size in sizes:
-                for when in ("first", "again"):  # first: the pool opens a connection per thread; again: they are open
-                    opened = r.info("stats")["total_connections_received"]
-                    times = burst(client, size, text, when)
-                    opened = r.info("stats")["total_connections_received"] - opened
-                    print(f"burst of {size} ({when}, {opened} new connections): enqueued after p50 {pct(times, 50):.1f} ms, "
-                          f"p95 {pct(times, 95):.1f} ms, the last {max(times):.1f} ms")
-            print(f"{client.queue.count} jobs in the queue, of {WARM + n + 2 * sum(sizes)} sent")
-        finally:
-            server.stop()
+        n = args.turns
+        before = commands()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(n):
+            client.chat(f"one-{i}", text, max_new_tokens=8)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        after = commands()
+        per = {k.removeprefix("cmdstat_"): (v - before.get(k, 0)) / n for k, v in after.items()}
+        per.pop("info", None)  # the counting itself
+        print(f"one at a time, {n} turns: {wall / n * 1000:.2f} ms wall, {cpu / n * 1000:.2f} ms of client CPU and "
+              f"{sum(per.values()):.1f} Redis commands per turn")
+        print("commands per turn: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.5))
+        sizes = [int(b) for b in args.burst.split(",") if b.strip()]
+        for size in sizes:
+            for when in ("first", "again"):  # first: the pool opens a connection per thread; again: they are open
+                opened = r.info("stats")["total_connections_received"]
+                times = burst(client, size, text, when)
+                opened = r.info("stats")["total_connections_received"] - opened
+                print(f"burst of {size} ({when}, {opened} new connections): enqueued after p50 {pct(times, 50):.1f} ms, "
+                      f"p95 {pct(times, 95):.1f} ms, the last {max(times):.1f} ms")
+        print(f"{client.queue.count} jobs in the queue, of {WARM + n + 2 * sum(sizes)} sent")
     return 0
 
 

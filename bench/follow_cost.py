@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
+
+from bench import own_redis
 
 INTERVAL = 0.03
 
@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
 
     from shared.protocol import stream_key
-    from shared.redis_conn import EmbeddedRedis
     from shared.settings import Settings
 
     assert stream_key("x") == "shallow:stream:x", "the writer names the streams as the protocol does"
@@ -89,25 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="shallow-follow-") as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis")
-        url = server.start()
-        try:
-            settings = dataclasses.replace(Settings.from_env(), redis_url=url, queue="follow-cost")
-            for n in (int(x) for x in args.followers.split(",")):
-                delays, cpu, events = [], 0.0, 0
-                for round_ in range(args.rounds):
-                    d, c, e = run(url, settings, n, args.chunks, round_)
-                    delays += d
-                    cpu += c
-                    events += e
-                ms = sorted(x * 1000 for x in delays)
-                want = n * (args.chunks + 1) * args.rounds
-                print(f"{n} followers: {events} of {want} events, delay p50 {statistics.median(ms):.1f} ms, "
-                      f"p95 {ms[int(0.95 * (len(ms) - 1))]:.1f} ms, max {ms[-1]:.1f} ms; "
-                      f"{cpu * 1e6 / max(events, 1):.0f} us of this process's CPU an event", flush=True)
-        finally:
-            server.stop()
+    with own_redis("shallow-follow-") as url:
+        settings = dataclasses.replace(Settings.from_env(), redis_url=url, queue="follow-cost")
+        for n in (int(x) for x in args.followers.split(",")):
+            delays, cpu, events = [], 0.0, 0
+            for round_ in range(args.rounds):
+                d, c, e = run(url, settings, n, args.chunks, round_)
+                delays += d
+                cpu += c
+                events += e
+            ms = sorted(x * 1000 for x in delays)
+            want = n * (args.chunks + 1) * args.rounds
+            print(f"{n} followers: {events} of {want} events, delay p50 {statistics.median(ms):.1f} ms, "
+                  f"p95 {ms[int(0.95 * (len(ms) - 1))]:.1f} ms, max {ms[-1]:.1f} ms; "
+                  f"{cpu * 1e6 / max(events, 1):.0f} us of this process's CPU an event", flush=True)
     return 0
 
 
