@@ -240,8 +240,9 @@ def run_channels(one_channel, channels: int) -> float:
 class StreamReader:
     """Follows every reply stream of a run with one connection and one XREAD over all of them.
 
-    A thread per followed reply (what a bot does for its few replies at a time) makes a load generator
-    measure its own lag at a few hundred channels; one reader keeps up. Each turn's events land in its
+    A thread per followed reply, each in its own XREAD, makes a load generator measure its own lag at a few
+    hundred channels; one reader keeps up (the bots' `TurnClient.follow` reads through one too since session
+    14, its `StreamHub`, but still with a thread per reply). Each turn's events land in its
     Turn; `wait(job_id)` blocks until its done or error event. A job that fails without a word (its
     worker died for good) is found by a check every few seconds.
     """
