@@ -27,7 +27,8 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   workers  the defaults with the batches collated by 2 DataLoader worker processes
   nofreeze the defaults with Python's garbage collector looking at everything (no `gc.freeze()`: the defaults
            before session 11)
-  cpp      the defaults with Inductor's C++ wrapper (`--cpp-wrapper`: the compiled graphs' launch code in C++)
+  cpp      the defaults with Inductor's C++ wrapper on (`--cpp-wrapper true`: the compiled graphs' launch code in
+           C++; `auto`, the default, turns it on only for runs of 2,000 steps or more, so not for the bench's)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -108,7 +109,7 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
     if name == "nofreeze":
         return ["--no-gc-freeze"]
     if name == "cpp":
-        return ["--cpp-wrapper"]
+        return ["--cpp-wrapper", "true"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 

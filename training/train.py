@@ -65,6 +65,11 @@ CHATML_TEMPLATE = (
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
+# --cpp-wrapper auto: on from this many optimizer steps in the run. Its compile cost 40-87 s more at the start and it
+# saved ~43 ms a step (H200, the defaults; docs/training.md, session 15): repaid after ~2,000 steps, cold.
+CPP_WRAPPER_MIN_STEPS = 2000
+
+
 @dataclass
 class TrainConfig:
     """The lab's recipe, one field per setting; `shallow train --help` lists them with these texts."""
@@ -132,11 +137,13 @@ class TrainConfig:
         default=True, metadata={
             "help": "keep Python's garbage collector off what exists when training starts and after its first steps "
                     "(full collections otherwise pause training for ~0.5 s each on the H200; --no-gc-freeze: off)"})
-    cpp_wrapper: bool = field(
-        default=False, metadata={
-            "help": "CUDA: the compiled graphs launch their kernels from C++ rather than Python (Inductor's C++ "
-                    "wrapper; needs a C++ compiler): steady steps 24%% shorter on an H200 in one pair of runs, the "
-                    "first steps ~1 minute longer while the wrappers compile (docs/training.md, session 14)"})
+    cpp_wrapper: str = field(
+        default="auto", metadata={
+            "help": "CUDA: the compiled graphs launch their kernels from C++ rather than Python (Inductor's C++ wrapper; "
+                    "needs a C++ compiler): steady steps 30-42%% faster on an H200, the first steps 40-80 s longer while "
+                    "the wrappers compile (docs/training.md, sessions 14-15). 'auto' (default): on for a run of "
+                    f"{CPP_WRAPPER_MIN_STEPS:,} optimizer steps or more, where the steps repay the compile; 'true' or 'false'",
+            "choices": ["auto", "true", "false"]})
     max_gpu_memory: float | None = field(
         default=None, metadata={
             "help": "train within this many GiB of the GPU (e.g. 14.5 for a 16 GB card's budget, or to leave room for "
@@ -155,6 +162,11 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: s
     if hasattr(cfg, "gradient_checkpointing"):  # a YAML value skips argparse's choices: checked here
         mode = checkpointing_mode(cfg.gradient_checkpointing)
         cfg.gradient_checkpointing = mode if isinstance(mode, str) else str(mode).lower()
+    if hasattr(cfg, "cpp_wrapper"):  # the same for --cpp-wrapper
+        mode = str(cfg.cpp_wrapper).lower()
+        if mode not in ("auto", "true", "false"):
+            raise ConfigError(f"--cpp-wrapper must be auto, true or false, not {cfg.cpp_wrapper!r}")
+        cfg.cpp_wrapper = mode
     if (getattr(cfg, "dataloader_num_workers", None) or 0) < 0:
         raise ConfigError(f"--dataloader-num-workers must be 0 or more, not {cfg.dataloader_num_workers}")
     return cfg
@@ -296,7 +308,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     base = resolve_model(cfg.base_model, settings.cache_dir, "base model")
     unsloth = _use_unsloth(cfg)
     cap_gpu_memory(cfg)
-    use_cpp_wrapper(cfg, torch.cuda.is_available())
     cfg.gradient_checkpointing = resolve_checkpointing(cfg, base)  # recorded as chosen in run.json's config
 
     resume_from = latest_checkpoint(out) if cfg.resume else None
@@ -315,6 +326,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError("--eval-fraction must be between 0 and 1")
         parts = data.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
         data, eval_data = parts["train"], parts["test"]
+    # before the model loads (nothing is compiled yet); `auto` needs the run's length, so after the data
+    done_steps = checkpoint_step(resume_from) if resume_from else 0
+    cfg.cpp_wrapper = "true" if use_cpp_wrapper(cfg, torch.cuda.is_available(), planned_steps(cfg, len(data)) - done_steps) else "false"
 
     from transformers import set_seed
 
@@ -715,20 +729,38 @@ def cap_gpu_memory(cfg: TrainConfig) -> None:
     print(f"shallow train: GPU memory capped at {cfg.max_gpu_memory:g} GiB of {total / 2**30:.0f}", flush=True)
 
 
-def use_cpp_wrapper(cfg: TrainConfig, cuda: bool) -> bool:
+def planned_steps(cfg: TrainConfig, rows: int) -> int:
+    """Optimizer steps the run will take over `rows` conversations: --max-steps, or the epochs' (as the Trainer counts
+    them, one conversation a row of the micro-batch; packing makes fewer)."""
+    if cfg.max_steps and cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = max(1, math.ceil(math.ceil(rows / max(1, cfg.per_device_train_batch_size)) / max(1, cfg.gradient_accumulation_steps)))
+    return math.ceil(per_epoch * cfg.num_train_epochs)
+
+
+def use_cpp_wrapper(cfg: TrainConfig, cuda: bool, steps: int | None = None) -> bool:
     """--cpp-wrapper: Inductor writes each compiled graph's launch code in C++ (what TORCHINDUCTOR_CPP_WRAPPER=1
     does; set before anything is compiled). A lab-sized step is the host's on an H200, and the graphs' Python
-    wrappers were ~44 ms of it (session 10's profile). Without CUDA nothing is compiled: it says so."""
-    if not cfg.cpp_wrapper:
+    wrappers were ~44 ms of it (session 10's profile). `auto` turns it on for a run of `steps` (the optimizer steps
+    still to take) >= CPP_WRAPPER_MIN_STEPS, where the shorter steps repay the wrappers' compile. Without CUDA
+    nothing is compiled: `true` says so."""
+    mode = str(cfg.cpp_wrapper).lower()
+    if mode == "false":
         return False
     if not cuda:
-        print("shallow train: --cpp-wrapper has no effect without a GPU (nothing is compiled)", flush=True)
+        if mode == "true":
+            print("shallow train: --cpp-wrapper has no effect without a GPU (nothing is compiled)", flush=True)
+        return False
+    if mode == "auto" and (steps is None or steps < CPP_WRAPPER_MIN_STEPS):
+        logger.info("compiled graphs keep Python wrappers: %s steps, under the %d where C++ ones repay their compile",
+                    steps, CPP_WRAPPER_MIN_STEPS)
         return False
     import torch._inductor.config as inductor
 
     inductor.cpp_wrapper = True
     os.environ["TORCHINDUCTOR_CPP_WRAPPER"] = "1"  # and in the processes this one starts
-    print("shallow train: compiled graphs with C++ wrappers (the first steps compile them)", flush=True)
+    why = f" ({steps:,} steps: --cpp-wrapper auto)" if mode == "auto" else ""
+    print(f"shallow train: compiled graphs with C++ wrappers{why}; the first steps compile them", flush=True)
     return True
 
 

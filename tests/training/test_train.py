@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.client import TurnClient
+from shared.errors import ConfigError
 from shared.protocol import Done
 from tests.conftest import ROOT, Processes, launch_worker, wait_for
 from training.train import complete, latest_checkpoint
@@ -385,17 +386,32 @@ def test_training_freezes_what_is_alive_from_the_collector_and_lets_go_at_the_en
 def test_cpp_wrapper_makes_the_compiled_graphs_launch_from_cpp_and_says_when_it_cannot(tmp_path, capsys):
     """--cpp-wrapper, set after torch is imported (as `train` does), still reaches the compiles that follow: a
     function compiled afterwards gets a C++ wrapper (on this CPU; unsloth's graphs on CUDA take the same path).
-    Without CUDA, `train` leaves it off and says so."""
-    from training.train import parse_config, use_cpp_wrapper
+    `auto` (the default) turns it on for a run of CPP_WRAPPER_MIN_STEPS optimizer steps or more, counted as the
+    Trainer counts them. Without CUDA, `train` leaves it off, and says so when it was asked for."""
+    from training.train import CPP_WRAPPER_MIN_STEPS, parse_config, planned_steps, use_cpp_wrapper
 
-    assert use_cpp_wrapper(parse_config(["--cpp-wrapper"]), cuda=False) is False
+    assert use_cpp_wrapper(parse_config(["--cpp-wrapper", "true"]), cuda=False) is False
     assert "--cpp-wrapper has no effect without a GPU" in capsys.readouterr().out
-    assert use_cpp_wrapper(parse_config([]), cuda=True) is False
+    assert use_cpp_wrapper(parse_config([]), cuda=False, steps=10**6) is False
+    assert capsys.readouterr().out == ""  # the default without a GPU: nothing to say
+    assert parse_config([]).cpp_wrapper == "auto"
+    assert use_cpp_wrapper(parse_config([]), cuda=True, steps=CPP_WRAPPER_MIN_STEPS - 1) is False
+    assert use_cpp_wrapper(parse_config([]), cuda=True) is False  # the run's length unknown
+    assert use_cpp_wrapper(parse_config(["--cpp-wrapper", "false"]), cuda=True, steps=10**6) is False
+    # FineTome-100k, the lab's 8 conversations a step, 3 epochs: 37,500 steps; --max-steps wins; accumulation divides
+    assert planned_steps(parse_config([]), 100_000) == 37_500
+    assert planned_steps(parse_config(["--max-steps", "100"]), 100_000) == 100
+    assert planned_steps(parse_config(["--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "4",
+                                       "--num-train-epochs", "1"]), 1_001) == 126
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cpp_wrapper: sometimes\n")
+    with pytest.raises(ConfigError, match="--cpp-wrapper must be auto, true or false"):
+        parse_config(["--config", str(bad)])
     script = (
         "import torch\n"
         "from torch._inductor.utils import run_and_get_code\n"
-        "from training.train import parse_config, use_cpp_wrapper\n"
-        "print('on' if use_cpp_wrapper(parse_config(['--cpp-wrapper']), cuda=True) else 'off')\n"
+        "from training.train import CPP_WRAPPER_MIN_STEPS, parse_config, use_cpp_wrapper\n"
+        "print('on' if use_cpp_wrapper(parse_config([]), cuda=True, steps=CPP_WRAPPER_MIN_STEPS) else 'off')\n"
         "out, code = run_and_get_code(torch.compile(lambda x: (x.sin() + 1).sum(-1)), torch.ones(4, 8))\n"
         "assert torch.allclose(out, (torch.ones(4, 8).sin() + 1).sum(-1))\n"
         "print('CPP' if any('cpp_wrapper' in c for c in code) else 'PYTHON')\n"
