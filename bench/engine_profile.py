@@ -1,6 +1,6 @@
 """Where the slot engine's decoding step spends its time: ms per step by rows, and the top GPU kernels.
 
-    python -m bench.engine_profile --rows 1,16,64,256 --positions 256 [--fuse] [--compile model|step] [--mode M]
+    python -m bench.engine_profile --rows 1,16,64,256 --positions 256 [--fuse] [--compile model|split|step] [--mode M] [--inductor KEY=VALUE]
 
 Loads the batched backend as the worker would (SHALLOW_* settings), stops its engine loop, and drives the
 step directly (with `--fuse`/`--compile`/`--mode`, on a new engine over the same model built that way): every row live, `--positions` cache positions attended. On CUDA each figure is the
@@ -25,10 +25,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", type=int, default=256)
     p.add_argument("--kernels", action="store_true")
     p.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up first (worker/fuse.py)")
-    p.add_argument("--compile", choices=["off", "model", "step"], default=None, help="torch.compile what (default: the settings')")
+    p.add_argument("--compile", choices=["off", "model", "split", "step"], default=None, help="torch.compile what (default: the settings')")
     p.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY (a Python literal) before compiling, e.g. coordinate_descent_tuning=True")
     args = p.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
+    if args.inductor:
+        import ast
+
+        import torch._inductor.config as inductor
+
+        for item in args.inductor:
+            key, _, value = item.partition("=")
+            inductor_value = ast.literal_eval(value)
+            obj = inductor
+            *path, last = key.split(".")
+            for part in path:
+                obj = getattr(obj, part)
+            if not hasattr(obj, last):
+                raise SystemExit(f"python -m bench.engine_profile: torch._inductor.config has no {key!r}")
+            setattr(obj, last, inductor_value)
+            print(f"torch._inductor.config.{key} = {inductor_value!r}")
     settings = Settings.from_env()
     settings = dataclasses.replace(settings, backend="batched", slots=max(rows))
     t0 = time.perf_counter()
@@ -36,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded in {time.perf_counter() - t0:.1f} s: {backend.description}")
     engine = backend.engine
     engine.stop()
-    if args.fuse or args.compile is not None or args.mode:
+    if args.fuse or args.compile is not None or args.mode or args.inductor:
         from worker.engine import SlotEngine
         from worker.fuse import fuse_projections
 

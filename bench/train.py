@@ -28,7 +28,7 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   nofreeze the defaults with Python's garbage collector looking at everything (no `gc.freeze()`: the defaults
            before session 11)
   cpp      the defaults with Inductor's C++ wrapper on (`--cpp-wrapper true`: the compiled graphs' launch code in
-           C++; `auto`, the default, turns it on only for runs of 2,000 steps or more, so not for the bench's)
+           C++; `auto`, the default, turns it on only for runs of 5,000 steps or more, so not for the bench's)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 

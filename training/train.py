@@ -65,9 +65,9 @@ CHATML_TEMPLATE = (
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
-# --cpp-wrapper auto: on from this many optimizer steps in the run. Its compile cost 40-87 s more at the start and it
-# saved ~43 ms a step (H200, the defaults; docs/training.md, session 15): repaid after ~2,000 steps, cold.
-CPP_WRAPPER_MIN_STEPS = 2000
+# --cpp-wrapper auto: on from this many optimizer steps in the run. Its compile cost 40-87 s more at the start; it
+# saved 14-43 ms a step (H200, the defaults; docs/training.md, sessions 15-16): repaid after ~2,000-4,600 steps, cold.
+CPP_WRAPPER_MIN_STEPS = 5000
 
 
 @dataclass

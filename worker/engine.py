@@ -167,12 +167,16 @@ class SlotEngine:
         cfg = model.config
         self.model, self.rows, self.length, self.pad_id = model, rows, length, pad_id
         # Optionally through torch.compile (dynamic shapes: one compile for every bucket): the model's forward
-        # pass ("model", or True), or the whole step with the sampling and bookkeeping ("step").
+        # pass ("model", or True), that and, as a second graph, the sampling and bookkeeping after it ("split"),
+        # or the whole step in one ("step").
         compile = "model" if compile is True else compile
+        if compile not in (False, None, "model", "split", "step"):
+            raise ValueError(f"compile must be model, split or step, not {compile!r}")
         # prefills go through `forward` too: eagerly, a prefill is ~12 ms of the host's Python for 16 layers (H200,
         # 1B shape), most of a reply's time to its first token once the step itself is compiled
-        self.forward = torch.compile(model, dynamic=True, mode=compile_mode) if compile == "model" else model
+        self.forward = torch.compile(model, dynamic=True, mode=compile_mode) if compile in ("model", "split") else model
         self._step = torch.compile(self._step, dynamic=True, mode=compile_mode) if compile == "step" else self._step
+        self._finish = torch.compile(self._finish, dynamic=True, mode=compile_mode) if compile == "split" else self._finish
         self.device = model.device
         dtype = model.dtype
         layers, heads, head_dim = kv_shape(cfg)
@@ -216,7 +220,7 @@ class SlotEngine:
         self.wake = threading.Event()
         if self.use_graphs:
             self._capture_all()
-        if compile == "model":
+        if compile in ("model", "split"):
             self._warm_prefill()
         self.thread = threading.Thread(target=self._run, name="slot-engine", daemon=True)
         self.thread.start()
@@ -236,6 +240,10 @@ class SlotEngine:
             input_ids=self.tokens[:b], position_ids=self.pos[:b], attention_mask=mask[:, None, None, :],
             past_key_values=window, use_cache=True,
         ).logits[:, -1]
+        self._finish(logits, b)
+
+    def _finish(self, logits, b: int) -> None:
+        """The step after the forward pass: each row's next token sampled, recorded and fed back."""
         nxt = sample(logits, self.temperature[:b], self.top_p[:b], self.penalty[:b], self.seen[:b])
         self.out[:b].index_copy_(1, self.col, nxt[:, None])
         self.tokens[:b, 0] = nxt
@@ -277,6 +285,8 @@ class SlotEngine:
 
         with torch.inference_mode():
             for k, q in ((1, 24), (2, 40)):
+                if k > self.rows:  # an engine of one row never prefills two prompts together
+                    continue
                 keys = self.len_buckets[0]
                 ids = torch.full((k, q), self.pad_id, dtype=torch.long, device=self.device)
                 positions = torch.arange(q, device=self.device).expand(k, q).contiguous()
