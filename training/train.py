@@ -140,8 +140,8 @@ class TrainConfig:
     cpp_wrapper: str = field(
         default="auto", metadata={
             "help": "CUDA: the compiled graphs launch their kernels from C++ rather than Python (Inductor's C++ wrapper; "
-                    "needs a C++ compiler): steady steps 30-42%% faster on an H200, the first steps 40-80 s longer while "
-                    "the wrappers compile (docs/training.md, sessions 14-15). 'auto' (default): on for a run of "
+                    "needs a C++ compiler): steady steps 14-42%% faster on an H200 (by host), the first steps 40-90 s longer "
+                    "while the wrappers compile (docs/training.md, sessions 14-16). 'auto' (default): on for a run of "
                     f"{CPP_WRAPPER_MIN_STEPS:,} optimizer steps or more, where the steps repay the compile; 'true' or 'false'",
             "choices": ["auto", "true", "false"]})
     max_gpu_memory: float | None = field(
