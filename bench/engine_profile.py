@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up first (worker/fuse.py)")
     p.add_argument("--compile", choices=["off", "model", "split", "step"], default=None, help="torch.compile what (default: the settings')")
     p.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--int4", type=int, default=0, metavar="GROUP",
+                   help="int4 weights (torchao's tinygemm layout, a scale and zero per GROUP inputs) on the fused model")
+    p.add_argument("--lock", default=None, metavar="FILE",
+                   help="hold an exclusive lock on FILE while timing (runs built side by side then time one at a time)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config.KEY (a Python literal) before compiling, e.g. coordinate_descent_tuning=True")
     args = p.parse_args(argv)
@@ -54,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded in {time.perf_counter() - t0:.1f} s: {backend.description}")
     engine = backend.engine
     engine.stop()
-    if args.fuse or args.compile is not None or args.mode or args.inductor:
+    if args.int4:
+        from worker.quantize import quantize_int4
+
+        t0 = time.perf_counter()
+        n = quantize_int4(backend.model, args.int4)
+        print(f"int4 weights (group {args.int4}, {n} linear layers) in {time.perf_counter() - t0:.1f} s; "
+              f"{torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0:.2f} GiB allocated")
+    if args.fuse or args.compile is not None or args.mode or args.inductor or args.int4:
         from worker.engine import SlotEngine
         from worker.fuse import fuse_projections
 
@@ -67,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         engine.stop()
         print(f"engine built (compile {compile_}, mode {args.mode}) and captured in {time.perf_counter() - t0:.1f} s")
     cuda = engine.device.type == "cuda"
+    if args.lock:
+        import fcntl
+
+        lock = open(args.lock, "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the process ends
     length = next(size for size in engine.len_buckets if size >= args.positions)
     with torch.inference_mode():
         engine.start.zero_()

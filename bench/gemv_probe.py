@@ -11,7 +11,10 @@ in each way of computing them:
 - `fp8-rowwise`: FP8 (e4m3) weights with a scale per output row, the activations quantized per row on the fly
   (their absolute maximum, the scale, the cast: what a dynamic FP8 linear layer does), `torch._scaled_mm`;
 - `fp8-rowwise-prequant`: the same products with the activations already in FP8 (the products' own floor);
-- `fp8-tensorwise`: one scale per weight and per activation (cuBLASLt's FP8 path).
+- `fp8-tensorwise`: one scale per weight and per activation (cuBLASLt's FP8 path);
+- `int4-tinygemm`: int4 weights, a scale and zero per group of 128 inputs, through torchao's
+  `Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")` (PyTorch's own `_weight_int4pack_mm`); with
+  `--int4-groups 64,128,...` one row per group size.
 
 Prints ms per step (all 113 products) and the rate of reading the weights. Random weights; the time does not
 depend on the values. Needs CUDA.
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gemv_probe")
     p.add_argument("--rows", default="1,16")
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--int4-groups", default="128", help="group sizes for the int4 rows ('' for none)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA")
@@ -51,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         scale = (w.abs().amax().float() / fmax).clamp_min(1e-12)
         return (w.float() / scale).to(fp8), scale
 
+    int4 = {}
+    for group in [int(g) for g in args.int4_groups.split(",") if g]:
+        try:
+            int4[group] = _int4_linears(weights, group)
+        except Exception as exc:  # torchao missing or this PyTorch without the kernel: reported, the rest still run
+            print(f"int4 group {group}: cannot quantize: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     row_w = [rowwise(w) for w in weights]
     tensor_w = [tensorwise(w) for w in weights]
 
@@ -85,16 +95,38 @@ def main(argv: list[str] | None = None) -> int:
                 xq, xs = quant_tensor(inputs[k])
                 torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s, out_dtype=torch.bfloat16)
 
-        for name, fn in [("bf16", bf16), ("fp8-rowwise", fp8_rowwise), ("fp8-rowwise-prequant", fp8_rowwise_prequant),
-                         ("fp8-tensorwise", fp8_tensorwise)]:
+        def int4_fn(linears):
+            def run():
+                for lin in linears:
+                    lin(inputs[lin.in_features])
+            return run
+
+        ways = [("bf16", bf16), ("fp8-rowwise", fp8_rowwise), ("fp8-rowwise-prequant", fp8_rowwise_prequant),
+                ("fp8-tensorwise", fp8_tensorwise)]
+        ways += [(f"int4-tinygemm-g{group}", int4_fn(linears)) for group, linears in int4.items()]
+        for name, fn in ways:
             try:
                 ms = _time_graph(fn, args.reps)
             except Exception as exc:  # one way that the installed PyTorch cannot run is reported, the others still run
                 print(f"rows {m:4d} {name:22s} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
                 continue
-            read = total_bytes * (2 if name == "bf16" else 1)
+            read = total_bytes * (2 if name == "bf16" else 0.5 if name.startswith("int4") else 1)
             print(f"rows {m:4d} {name:22s} {ms:.3f} ms/step  ({read / ms / 1e9:.2f} TB/s of weights)")
     return 0
+
+
+def _int4_linears(weights, group: int):
+    import torch
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    linears = torch.nn.Sequential()
+    for i, w in enumerate(weights):
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        linears.add_module(str(i), lin)
+    quantize_(linears, Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d"))
+    return list(linears)
 
 
 def _time_graph(fn, reps: int) -> float:

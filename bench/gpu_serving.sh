@@ -26,8 +26,8 @@ for stage in "$@"; do
       [ "${DIRECT:-1}" = 0 ] || SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 SHALLOW_SLOTS=${SLOTS:-256} SHALLOW_COMPILE_LEVEL=1 bench --direct --channels ${CHANNELS:-1,16,64,256} \
         --turns ${TURNS:-2} --label "slot engine bf16 merged LoRA, torch.compile, direct" --json "$out/compiled-direct.json"
       [ "${E2E:-0}" = 1 ] && SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 SHALLOW_COMPILE_LEVEL=1 bench --channels ${CHANNELS:-1,16,64,256} \
-        --turns ${TURNS:-2} --worker-args "--slots ${SLOTS:-256}" --label "slot engine bf16 merged LoRA, torch.compile, ${SLOTS:-256} slots, end to end" \
-        --json "$out/compiled.json" || true ;;
+        --turns ${TURNS:-2} --worker-args "--slots ${SLOTS:-256}" --label "slot engine ${SHALLOW_WEIGHTS:-bf16} merged LoRA, torch.compile, ${SLOTS:-256} slots, end to end" \
+        --json "$out/compiled${SHALLOW_WEIGHTS:+-$SHALLOW_WEIGHTS}.json" || true ;;
     slots4bit)  # the slot engine with the design card's model: NF4 base + LoRA adapter
       SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=1 SHALLOW_SLOTS=256 bench --direct --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} \
         --label "slot engine NF4 + LoRA, direct" --json "$out/slots4bit-direct.json"

@@ -136,6 +136,7 @@ class Settings:
     cuda_graphs: bool | None = None  # batched backend on CUDA: CUDA graphs (None: on for the slot engine, transformers decides for paged)
     batch_engine: str = "slots"  # batched backend: slots (static cache, CUDA graphs) or paged (transformers' continuous batching)
     static_cache: bool = False  # transformers backend, bf16 on CUDA: static KV cache (+ torch.compile) per reply
+    weights: str = "full"  # slot engine, merged model on CUDA: full (bf16) or int4 (worker/quantize.py)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     @classmethod
@@ -148,6 +149,9 @@ class Settings:
         batch_engine = _env("SHALLOW_BATCH_ENGINE", cls.batch_engine).lower()
         if batch_engine not in ("slots", "paged"):
             raise ConfigError(f"SHALLOW_BATCH_ENGINE must be slots or paged, got {batch_engine!r}")
+        weights = _env("SHALLOW_WEIGHTS", cls.weights).lower()
+        if weights not in ("full", "int4"):
+            raise ConfigError(f"SHALLOW_WEIGHTS must be full or int4, got {weights!r}")
         return cls(
             redis_url=os.environ.get("REDIS_URL") or None,
             queue=_env("SHALLOW_QUEUE", cls.queue),
@@ -175,6 +179,7 @@ class Settings:
             cuda_graphs=_tristate("SHALLOW_CUDA_GRAPHS"),
             batch_engine=batch_engine,
             static_cache=_env("SHALLOW_STATIC_CACHE", "0").lower() in ("1", "true", "yes"),
+            weights=weights,
             generation=GenerationSettings.from_env(),
         )
 

@@ -143,9 +143,18 @@ class BatchedBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        device = _pick_device(settings.device)
+        if settings.weights == "int4":
+            if settings.load_in_4bit and device.startswith("cuda"):
+                raise ConfigError("SHALLOW_WEIGHTS=int4 quantizes the merged model, and SHALLOW_LOAD_IN_4BIT=1 keeps an NF4 "
+                                  "base with the adapter beside it: set SHALLOW_LOAD_IN_4BIT=0 for int4")
+            if settings.batch_engine != "slots":
+                raise ConfigError("SHALLOW_WEIGHTS=int4 is for the slot engine: leave SHALLOW_BATCH_ENGINE unset (slots)")
+            if not device.startswith("cuda"):
+                raise ConfigError(f"SHALLOW_WEIGHTS=int4 needs a CUDA GPU (its kernel is PyTorch's CUDA int4 product), "
+                                  f"and this worker runs on {device}: leave SHALLOW_WEIGHTS unset (full)")
         base = resolve_model(settings.base_model, settings.cache_dir, "base model")
         adapter = resolve_model(settings.adapter, settings.cache_dir, "adapter") if settings.adapter else None
-        device = _pick_device(settings.device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         attention = "sdpa" if settings.batch_engine == "paged" else register_attention()
         kwargs: dict[str, object] = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": attention}
@@ -194,9 +203,18 @@ class BatchedBackend(Backend):
             from worker.fuse import fuse_projections
 
             fused = fuse_projections(model)  # merged Llama weights: q/k/v and gate/up as one product each
-            engine = SlotEngine(model, slots, length, cuda_graphs=graphs, pad_id=int(pad or 0), compile=compiled)
+            int4 = 0
+            if settings.weights == "int4":
+                from worker.quantize import quantize_int4
+
+                int4 = quantize_int4(model)  # after fusing: the fused products are quantized whole
+            # compiled: the forward pass, and the sampling after it as a second graph ("split": 1.20 against 1.30 ms a
+            # step at one row with the forward pass alone, H200, session 17)
+            engine = SlotEngine(model, slots, length, cuda_graphs=graphs, pad_id=int(pad or 0),
+                                compile="split" if compiled else False)
             how = (f"slot engine, {engine.cache_bytes / 2**30:.2f} GiB KV cache" + (", CUDA graphs" if engine.use_graphs else "")
                    + (", q/k/v and gate/up fused" if fused else "")
+                   + (f", int4 weights ({int4} linear layers)" if int4 else "")
                    + (", torch.compile" if compiled else ""))
         desc = (f"{base}" + (f" + adapter {adapter}" + ("" if four_bit else " (merged)") if adapter else "")
                 + f" on {device}, {slots} slot(s), {'NF4 base' if four_bit else dtype}, {how}")

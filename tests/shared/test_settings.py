@@ -37,6 +37,7 @@ def test_settings_come_from_the_environment(monkeypatch):
         ("SHALLOW_MAX_NEW_TOKENS", "many", "whole number"),
         ("SHALLOW_MAX_NEW_TOKENS", "0", "at least 1"),
         ("SHALLOW_TEMPERATURE", "-1", "at least 0"),
+        ("SHALLOW_WEIGHTS", "int3", "SHALLOW_WEIGHTS must be full or int4"),
     ],
 )
 def test_bad_settings_are_named(monkeypatch, name, value, message):
@@ -61,6 +62,24 @@ def test_cli_with_redis_unreachable_prints_one_clear_line(command, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "REDIS_URL=redis://127.0.0.1:1/0" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"backend": "batched"}, "needs a CUDA GPU"),  # this CPU machine
+        ({"backend": "transformers"}, "is for the slot engine"),
+        ({"backend": "batched", "batch_engine": "paged"}, "is for the slot engine"),
+    ],
+)
+def test_int4_weights_where_they_cannot_run_are_refused_before_loading(monkeypatch, changes, message):
+    import dataclasses
+
+    from worker.backends import load_backend
+
+    settings = dataclasses.replace(Settings.from_env(), base_model="/nonexistent/model", weights="int4", **changes)
+    with pytest.raises(ConfigError, match=message):  # not ModelNotFound: refused before the model is looked for
+        load_backend(settings)
 
 
 def test_auto_picks_llamacpp_without_cuda_when_a_gguf_is_set(monkeypatch, tmp_path):

@@ -1,0 +1,37 @@
+"""int4 weights for the slot engine's merged model (`SHALLOW_WEIGHTS=int4`): the fastest one stream on a GPU.
+
+Decoding one reply reads every weight once a step, so a step at a few rows costs what reading the weights costs.
+Here every linear layer of the merged, fused model (the output layer included) is quantized by torchao to 4-bit
+integers with a scale and a zero point per group of 128 inputs (`Int4WeightOnlyConfig`, the tinygemm layout), and
+its products run in PyTorch's own int4 kernel (`torch.ops.aten._weight_int4pack_mm`): a quarter of the bytes.
+Measured on an H200 (Llama-3.2-1B shape, docs/serving.md, session 17): the step's matrix products at one row
+0.60 ms against 0.84 in bf16, the compiled step 0.91 ms against 1.30; at 16 rows that kernel is slower than
+bf16's (1.67 against 0.87 ms), so this is for few streams at once, not for a busy server. The replies are those of
+a 4-bit model (like the design card's NF4 base, with the adapter merged before quantizing rather than kept beside it).
+"""
+from __future__ import annotations
+
+from shared.errors import ConfigError
+
+GROUP = 128
+
+
+def quantize_int4(model, group: int = GROUP) -> int:
+    """Quantize every `nn.Linear` of `model` in place; returns how many were quantized. CUDA only."""
+    import torch
+
+    if model.device.type != "cuda":
+        raise ConfigError("SHALLOW_WEIGHTS=int4 needs a CUDA GPU (its kernel is PyTorch's CUDA int4 product); "
+                          "leave SHALLOW_WEIGHTS unset (full) on this machine")
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ConfigError("SHALLOW_WEIGHTS=int4 needs torchao: pip install -e '.[gpu]'") from None
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.in_features % group == 0]
+    if not linears:
+        raise ConfigError(f"SHALLOW_WEIGHTS=int4: the model has no linear layer whose inputs split into groups of {group}")
+    # set_inductor_config=False: torchao would otherwise change the compiler's settings for the whole process
+    config = Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)
+    chosen = {id(m) for m in linears}
+    quantize_(model, config, filter_fn=lambda m, _name: id(m) in chosen)
+    return len(linears)
