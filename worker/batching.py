@@ -203,18 +203,22 @@ class BatchedBackend(Backend):
             from worker.fuse import fuse_projections
 
             fused = fuse_projections(model)  # merged Llama weights: q/k/v and gate/up as one product each
-            int4 = 0
+            int4, prefill_model = 0, None
             if settings.weights == "int4":
+                import copy
+
                 from worker.quantize import quantize_int4
 
+                # prompts through a bf16 copy: the int4 kernel is fast for a step's few rows, slow for a prompt's many
+                prefill_model = copy.deepcopy(model)
                 int4 = quantize_int4(model)  # after fusing: the fused products are quantized whole
             # compiled: the forward pass, and the sampling after it as a second graph ("split": 1.20 against 1.30 ms a
             # step at one row with the forward pass alone, H200, session 17)
             engine = SlotEngine(model, slots, length, cuda_graphs=graphs, pad_id=int(pad or 0),
-                                compile="split" if compiled else False)
+                                compile="split" if compiled else False, prefill_model=prefill_model)
             how = (f"slot engine, {engine.cache_bytes / 2**30:.2f} GiB KV cache" + (", CUDA graphs" if engine.use_graphs else "")
                    + (", q/k/v and gate/up fused" if fused else "")
-                   + (f", int4 weights ({int4} linear layers)" if int4 else "")
+                   + (f", int4 weights ({int4} linear layers; prompts through the bf16 ones)" if int4 else "")
                    + (", torch.compile" if compiled else ""))
         desc = (f"{base}" + (f" + adapter {adapter}" + ("" if four_bit else " (merged)") if adapter else "")
                 + f" on {device}, {slots} slot(s), {'NF4 base' if four_bit else dtype}, {how}")

@@ -161,7 +161,7 @@ def _buckets(limit: int, first: int) -> list[int]:
 
 class SlotEngine:
     def __init__(self, model, rows: int, length: int, *, cuda_graphs: bool = True, pad_id: int = 0,
-                 compile: bool | str = False, compile_mode: str | None = None) -> None:
+                 compile: bool | str = False, compile_mode: str | None = None, prefill_model=None) -> None:
         import torch
 
         cfg = model.config
@@ -177,6 +177,12 @@ class SlotEngine:
         self.forward = torch.compile(model, dynamic=True, mode=compile_mode) if compile in ("model", "split") else model
         self._step = torch.compile(self._step, dynamic=True, mode=compile_mode) if compile == "step" else self._step
         self._finish = torch.compile(self._finish, dynamic=True, mode=compile_mode) if compile == "split" else self._finish
+        # `prefill_model`: the prompts go through another copy of the model (same modules and cache layout): the
+        # int4 mode's full-precision weights, as its int4 kernel is fast at a few rows and slow at a prompt's many
+        if prefill_model is None:
+            self.prefill = self.forward
+        else:
+            self.prefill = torch.compile(prefill_model, dynamic=True, mode=compile_mode) if compile in ("model", "split") else prefill_model
         self.device = model.device
         dtype = model.dtype
         layers, heads, head_dim = kv_shape(cfg)
@@ -294,7 +300,7 @@ class SlotEngine:
                 mask = self.key_index[None, :keys] <= query_at[:, None]
                 window = _Window([x[:k, :, :keys] for x in self.keys], [x[:k, :, :keys] for x in self.values], query_at)
                 with self._prefill_attention():
-                    self.forward(input_ids=ids, position_ids=positions, attention_mask=mask[None, None].expand(k, 1, q, keys).contiguous(),
+                    self.prefill(input_ids=ids, position_ids=positions, attention_mask=mask[None, None].expand(k, 1, q, keys).contiguous(),
                                          past_key_values=window, use_cache=True, logits_to_keep=1)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -536,7 +542,7 @@ class SlotEngine:
         for request in batch:
             _mark(request, "admit")
         with self._prefill_attention():
-            logits = self.forward(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
+            logits = self.prefill(input_ids=ids, position_ids=positions, attention_mask=mask[:, None], past_key_values=window,
                                 use_cache=True, logits_to_keep=1).logits[:, -1]
         settings = self._to_device([[r.temperature, r.top_p, r.repetition_penalty] for r in batch], torch.float32)
         self.temperature[rows], self.top_p[rows], self.penalty[rows] = settings[:, 0], settings[:, 1], settings[:, 2]

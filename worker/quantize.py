@@ -6,8 +6,11 @@ integers with a scale and a zero point per group of 128 inputs (`Int4WeightOnlyC
 its products run in PyTorch's own int4 kernel (`torch.ops.aten._weight_int4pack_mm`): a quarter of the bytes.
 Measured on an H200 (Llama-3.2-1B shape, docs/serving.md, session 17): the step's matrix products at one row
 0.60 ms against 0.84 in bf16, the compiled step 0.91 ms against 1.30; at 16 rows that kernel is slower than
-bf16's (1.67 against 0.87 ms), so this is for few streams at once, not for a busy server. The replies are those of
-a 4-bit model (like the design card's NF4 base, with the adapter merged before quantizing rather than kept beside it).
+bf16's (1.67 against 0.87 ms), so this is for few streams at once, not for a busy server; and for the same reason
+the prompts (tens to thousands of rows a prefill) go through a bf16 copy of the model that the worker keeps beside
+(`SlotEngine(prefill_model=...)`, 2.5 GB more for the 1B model). Each next token comes from the int4 weights:
+the replies are those of a 4-bit model (like the design card's NF4 base, with the adapter merged before
+quantizing rather than kept beside it).
 """
 from __future__ import annotations
 
