@@ -3,7 +3,9 @@ the linear layers to torchao's int4 layout, and the slot engine (CUDA graphs) wr
 with the same weights (the prompt through the bf16 copy, each next token through the int4 one, as the engine runs
 them), up to the first step where the loop's two best tokens are within bf16 rounding of each other (random
 weights have near ties; the engine's attention over its cache rounds differently, so past a near tie either
-token is right).
+token is right), over six prompts. How much int4 changes a trained model's replies is not measured here: random
+weights are all there is on the GPU machine (their int4 logits are far from their bf16 ones, cosine 0.72,
+as int4 rounds Gaussian weights by ~10%).
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from tests.gpu.test_unsloth_worker import adapter_dir, llama_dir  # noqa: F401 -
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
-NEW = 48
-TIE = 0.05  # logits closer than this (bf16 keeps ~3 significant digits) may swap between two correct computations
+NEW = 24
+TIE = 0.03  # logits closer than this may swap between two correct bf16 computations (different summation orders)
+PROMPTS = ["Tell me about the sea.", "What is your favourite ship and why?", "Count to twenty.", "Name three rivers.",
+           "Write a poem about a cat.", "Where do whales sleep?"]
 
 
 def test_int4_weights_serve_what_a_greedy_loop_writes_on_them(llama_dir, adapter_dir):  # noqa: F811
@@ -49,34 +53,41 @@ def test_int4_weights_serve_what_a_greedy_loop_writes_on_them(llama_dir, adapter
         fuse_projections(full)
         quantized = copy.deepcopy(full)
         quantize_int4(quantized)  # the same weights, quantized the same way
-        ids = backend.encode([{"role": "user", "content": "Tell me about the sea."}])
-        expected, margins = [], []
+        # int4 products against bf16 ones on the same input, layer 0's q/k/v: 4-bit groups of 128 round each
+        # weight by up to half a step (a step is ~1/15 of a group's range: ~10% of a Gaussian weight's spread)
+        x = torch.randn(4, full.config.hidden_size, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode():
-            out = full(torch.tensor([ids], device="cuda"), use_cache=True)  # the prompt: bf16
-            cache, logits = out.past_key_values, out.logits[0, -1].float()
-            # on int4 weights the model's logits differ from bf16's by rounding only: a sane quantization
-            similarity = torch.nn.functional.cosine_similarity(
-                logits, quantized(torch.tensor([ids], device="cuda")).logits[0, -1].float(), dim=0).item()
-            for _ in range(NEW):
-                top = logits.topk(2)
-                margins.append((top.values[0] - top.values[1]).item())
-                expected.append(int(top.indices[0]))
-                out = quantized(torch.tensor([[expected[-1]]], device="cuda"), past_key_values=cache, use_cache=True)
+            exact = full.model.layers[0].self_attn.qkv_proj(x).float()
+            rounded = quantized.model.layers[0].self_attn.qkv_proj(x).float()
+        product_error = ((rounded - exact).norm() / exact.norm()).item()
+        clear_steps, compared = 0, []
+        for text in PROMPTS:
+            ids = backend.encode([{"role": "user", "content": text}])
+            expected, margins = [], []
+            with torch.inference_mode():
+                out = full(torch.tensor([ids], device="cuda"), use_cache=True)  # the prompt: bf16
                 cache, logits = out.past_key_values, out.logits[0, -1].float()
-        clear = next((i for i, m in enumerate(margins) if m < TIE), NEW)  # steps before the first near tie
-        del full, quantized, base
-
-        request = Request(ids=ids, max_new_tokens=NEW, eos=frozenset(), temperature=0.0, top_p=1.0, repetition_penalty=1.0)
-        backend.engine.submit(request)
-        got: list[int] = []
-        while (item := request.out.get(timeout=120)) is not None:
-            assert not isinstance(item, BaseException), item
-            got.extend(item)
-        print(f"int4: {clear} steps before the first near tie; engine {got[:clear + 1]}; loop {expected[:clear + 1]}; "
-              f"logits' cosine similarity to bf16 {similarity:.4f}")
-        assert len(got) == NEW
-        assert clear >= 3, "too few clear steps to compare: a new checkpoint?"
-        assert got[:clear] == expected[:clear]
-        assert similarity > 0.95
+                for _ in range(NEW):  # each next token: int4
+                    top = logits.topk(2)
+                    margins.append((top.values[0] - top.values[1]).item())
+                    expected.append(int(top.indices[0]))
+                    out = quantized(torch.tensor([[expected[-1]]], device="cuda"), past_key_values=cache, use_cache=True)
+                    cache, logits = out.past_key_values, out.logits[0, -1].float()
+            clear = next((i for i, m in enumerate(margins) if m < TIE), NEW)  # steps before the first near tie
+            request = Request(ids=ids, max_new_tokens=NEW, eos=frozenset(), temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+            backend.engine.submit(request)
+            got: list[int] = []
+            while (item := request.out.get(timeout=120)) is not None:
+                assert not isinstance(item, BaseException), item
+                got.extend(item)
+            assert len(got) == NEW
+            compared.append((got[:clear], expected[:clear], [round(m, 3) for m in margins[:clear + 1]]))
+            clear_steps += clear
+        for got_clear, expected_clear, margins_seen in compared:
+            print(f"int4: engine {got_clear} loop {expected_clear} margins {margins_seen}")
+        print(f"int4: {clear_steps} clear steps compared; layer 0 q/k/v product error {product_error:.3f}")
+        assert all(g == e for g, e, _ in compared)
+        assert clear_steps >= 6, "too few steps without a near tie to compare: a new checkpoint?"
+        assert 0.01 < product_error < 0.2  # quantized (not left in bf16), and by 4-bit groups, not worse
     finally:
         backend.close()
