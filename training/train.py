@@ -328,7 +328,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         data, eval_data = parts["train"], parts["test"]
     # before the model loads (nothing is compiled yet); `auto` needs the run's length, so after the data
     done_steps = checkpoint_step(resume_from) if resume_from else 0
-    cfg.cpp_wrapper = "true" if use_cpp_wrapper(cfg, torch.cuda.is_available(), planned_steps(cfg, len(data)) - done_steps) else "false"
+    steps_to_take = planned_steps(cfg, len(data)) - done_steps  # this process's share of the run
+    cfg.cpp_wrapper = "true" if use_cpp_wrapper(cfg, torch.cuda.is_available(), steps_to_take) else "false"
 
     from transformers import set_seed
 
@@ -396,6 +397,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "versions": _versions(),
         "git_commit": _git_commit(),
         "resumed_from": resume_from.name if resume_from else None,
+        "steps_to_take": steps_to_take,  # as planned when this process started (what --cpp-wrapper auto weighed)
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_tokens": tokens,

@@ -102,6 +102,9 @@ def test_kill_9_between_checkpoints_then_the_same_command_resumes_and_matches(tr
     assert "resuming from" in resumed.stdout and "skipping checkpoint-5" in resumed.stderr
     record = json.loads((out / "run.json").read_text())
     assert record["resumed_from"] in ("checkpoint-2", "checkpoint-4") and record["global_step"] == 6
+    # the steps still to take after the resume: what --cpp-wrapper auto weighs (config: "false" without CUDA)
+    assert record["steps_to_take"] == 6 - int(record["resumed_from"].split("-")[1])
+    assert record["config"]["cpp_wrapper"] == "false"
     # the same steps, the same schedule, the same adapter as the run that was never interrupted
     ref_hist = {r["step"]: r for r in json.loads((reference / "history.json").read_text()) if "loss" in r}
     new_hist = {r["step"]: r for r in json.loads((out / "history.json").read_text()) if "loss" in r}
