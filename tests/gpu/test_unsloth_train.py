@@ -47,9 +47,10 @@ def test_recipe_killed_resumed_and_served(llama_dir, redis_proc, processes, tmp_
     record = json.loads((out / "run.json").read_text())
     print("first run (killed):", (tmp_path / "first.log").read_text()[-600:])
     print("resumed:", resumed.stdout[-800:])
-    print("run record:", json.dumps({k: record[k] for k in ("backend", "resumed_from", "global_step", "train_tokens",
+    print("run record:", json.dumps({k: record[k] for k in ("backend", "resumed_from", "steps_to_take", "global_step", "train_tokens",
                                                              "tokens_per_second", "train_seconds_this_process")}))
     assert record["backend"] == "unsloth" and record["global_step"] == 30 and record["resumed_from"]
+    assert record["steps_to_take"] == 30 - int(record["resumed_from"].split("-")[1])  # what --cpp-wrapper auto weighed
 
     worker = launch_worker(processes, dict(env, REDIS_URL=redis_proc.url, SHALLOW_BACKEND="unsloth", SHALLOW_BASE_MODEL=llama_dir,
                                            SHALLOW_ADAPTER=str(out / "adapter"), SHALLOW_MAX_NEW_TOKENS="32",
