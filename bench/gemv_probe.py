@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _int4_linears(weights, group: int):
     import torch
-    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    from worker.quantize import quantize_int4
 
     linears = torch.nn.Sequential()
     for i, w in enumerate(weights):
@@ -125,7 +126,7 @@ def _int4_linears(weights, group: int):
         with torch.no_grad():
             lin.weight.copy_(w)
         linears.add_module(str(i), lin)
-    quantize_(linears, Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d"))
+    quantize_int4(linears, group)  # as SHALLOW_WEIGHTS=int4 quantizes the model
     return list(linears)
 
 

@@ -332,9 +332,10 @@ def pick_backend(settings: Settings) -> str:
 def load_backend(settings: Settings) -> Backend:
     """The backend that SHALLOW_BACKEND names, loaded once; `auto` takes unsloth when it can."""
     choice = pick_backend(settings)
-    if settings.weights != "full" and choice != "batched":
-        raise ConfigError(f"SHALLOW_WEIGHTS={settings.weights} is for the slot engine (SHALLOW_BACKEND=batched), "
-                          f"and this worker would use the {choice} backend")
+    if settings.weights == "int4":
+        from worker.quantize import refuse_int4
+
+        refuse_int4(settings, choice, _pick_device(settings.device))
     if choice == "llamacpp":
         from worker.llamacpp import LlamaCppBackend
 

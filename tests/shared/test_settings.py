@@ -82,6 +82,17 @@ def test_int4_weights_where_they_cannot_run_are_refused_before_loading(monkeypat
         load_backend(settings)
 
 
+def test_int4_weights_on_a_gpu_are_refused_with_the_nf4_mode():
+    import dataclasses
+
+    from worker.quantize import refuse_int4
+
+    settings = dataclasses.replace(Settings.from_env(), weights="int4", backend="batched")
+    with pytest.raises(ConfigError, match="set SHALLOW_LOAD_IN_4BIT=0 for int4"):
+        refuse_int4(dataclasses.replace(settings, load_in_4bit=True), "batched", "cuda")
+    refuse_int4(dataclasses.replace(settings, load_in_4bit=False), "batched", "cuda")  # what int4 needs: no refusal
+
+
 def test_auto_picks_llamacpp_without_cuda_when_a_gguf_is_set(monkeypatch, tmp_path):
     import torch
 
