@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Listener
+from multiprocessing.connection import Client, Listener, answer_challenge, deliver_challenge
 
 from shared.errors import ConfigError
 from shared.settings import Settings
@@ -76,9 +76,13 @@ class EngineServer:
             "eos": sorted(backend.eos),
             "tokenizer": backend.tokenizer.name_or_path,
         }
-        self.listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        # The key is checked for each connection in a thread of its own (not in `accept`, as a Listener given the key
+        # does): a peer that connects and never answers the challenge must not keep the next fronts out.
+        self.authkey = authkey
+        self.listener = Listener(address, family="AF_UNIX")
         self.closed = False
         self.links: list[_Link] = []
+        self.links_lock = threading.Lock()
         self.thread = threading.Thread(target=self._accept, name="engine-server", daemon=True)
         self.thread.start()
 
@@ -86,14 +90,25 @@ class EngineServer:
         while not self.closed:
             try:
                 conn = self.listener.accept()
-            except Exception:  # a bad key or a closed listener; the next front may be fine
+            except Exception:  # a closed listener, or a connection that failed at once; the next front may be fine
                 if self.closed:
                     return
-                logger.warning("a connection to the engine was refused", exc_info=True)
+                logger.warning("a connection to the engine failed", exc_info=True)
                 continue
-            link = _Link(self, conn)
+            threading.Thread(target=self._admit, args=(conn,), name="engine-admit", daemon=True).start()
+
+    def _admit(self, conn) -> None:
+        try:  # what Listener(authkey=...).accept() does, here off the accepting thread
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+        except (AuthenticationError, EOFError, OSError):
+            logger.warning("a connection to the engine was refused (wrong key, or it hung up)", exc_info=True)
+            conn.close()
+            return
+        link = _Link(self, conn)
+        with self.links_lock:
             self.links = [other for other in self.links if not other.closed] + [link]  # fronts come and go
-            link.start()
+        link.start()
 
     def close(self) -> None:
         self.closed = True

@@ -119,3 +119,26 @@ def test_a_wrong_key_is_refused(served):
     _, _, address, _, _ = served
     with pytest.raises(ConfigError, match="cannot reach the model process"):
         RemoteBackend.connect(address, b"not the key")
+
+
+def test_a_peer_that_never_answers_does_not_keep_fronts_out(served):
+    """A connection that never answers the key's challenge (a stuck or foreign process) holds only itself: the
+    model process checks each connection's key in a thread of its own, so the next front still connects."""
+    import socket
+
+    from worker.remote import RemoteBackend
+
+    _, _, address, key, greedy = served
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(address)  # and then says nothing
+    fronts: list = []
+    try:
+        connecting = threading.Thread(target=lambda: fronts.append(RemoteBackend.connect(address, key)), daemon=True)
+        connecting.start()
+        connecting.join(60)  # checked in the accepting thread, the key's exchange waited on the silent peer forever
+        assert fronts, "the front could not connect while another connection kept silent"
+        assert "".join(fronts[0].stream(PROMPTS[1], greedy, max_new_tokens=5, ignore_eos=True))
+    finally:
+        silent.close()  # (and lets a blocked exchange end)
+        for front in fronts:
+            front.close()
