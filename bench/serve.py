@@ -53,6 +53,8 @@ class Turn:
     enqueued: float = 0.0
     enqueued_wall: float = 0.0  # time.time() at `enqueued`: compared with RQ's enqueued_at and the worker's sent_at
     done_wall: float | None = None  # time.time() as the done event arrived
+    read_wall: float | None = None  # time.time() as the XREAD that brought the done event returned
+    done_entry_ms: int | None = None  # the done event's stream entry id: Redis' clock (ms) as it appended it
     enqueue_ms: float | None = None  # enqueued -> RQ's enqueued_at (the client's session checks and its enqueue)
     started: float | None = None  # the worker's start event received (direct: the request made)
     first_token: float | None = None
@@ -153,26 +155,29 @@ def summarise(mode: str, channels: int, turns_per_channel: int, new_tokens: int,
 
 
 SPLIT = ("rq_start", "before_model", "flush")  # what the worker reports (worker.jobs.run_turn), in this order
-# and what the bench works out with the wall clock it shares with the worker (same host): the enqueue (the
-# client's session checks and RQ's enqueue, up to RQ's enqueued_at), and the commit (the worker's sent_at ->
-# the done event read by the bench: the commit's transaction and the event's delivery)
-CLOCKED = ("enqueue", "commit")
+# and what the bench works out with the wall clock it shares with the worker and Redis (same host): the enqueue
+# (the client's session checks and RQ's enqueue, up to RQ's enqueued_at), the commit (the worker's sent_at -> the
+# done event appended, by its stream entry's id: the commit's transaction) and the delivery (appended -> the done
+# event read by the bench: the XREAD's wake-up and the bench's own reader)
+CLOCKED = ("enqueue", "commit", "delivery")
 
 
 def overhead_split(turns: list[Turn]) -> dict[str, dict[str, float]]:
-    """p50/p95 ms of each part of the overhead the worker measured, of the enqueue and the commit, and of
-    the rest (the job's end after the model's last piece, RQ's time between enqueued_at and started_at that
-    is not queueing, and what the clocks do not tell apart)."""
+    """p50/p95 ms of each part of the overhead the worker measured, of the enqueue, the commit and the
+    delivery, and of the rest (the job's end after the model's last piece, RQ's time between enqueued_at and
+    started_at that is not queueing, and what the clocks do not tell apart)."""
     measured = [t for t in turns if t.overhead is not None and t.pipeline_ms]
     if not measured:
         return {}
     out: dict[str, dict[str, float]] = {}
     parts = {name: [t.pipeline_ms.get(name) for t in measured] for name in SPLIT}
     parts["enqueue"] = [t.enqueue_ms for t in measured]
-    parts["commit"] = [(t.done_wall * 1000 - t.pipeline_ms["sent_at"]) if t.done_wall and "sent_at" in t.pipeline_ms
+    parts["commit"] = [(t.done_entry_ms - t.pipeline_ms["sent_at"]) if t.done_entry_ms and "sent_at" in t.pipeline_ms
                        else None for t in measured]
-    parts["rest"] = [t.overhead * 1000 - sum(v for v in (*(t.pipeline_ms.get(n) for n in SPLIT), parts["enqueue"][i],
-                                                         parts["commit"][i]) if v is not None)
+    parts["delivery"] = [(t.done_wall * 1000 - t.done_entry_ms) if t.done_wall and t.done_entry_ms else None
+                         for t in measured]
+    parts["rest"] = [t.overhead * 1000 - sum(v for v in (*(t.pipeline_ms.get(n) for n in SPLIT),
+                                                         *(parts[n][i] for n in CLOCKED)) if v is not None)
                      for i, t in enumerate(measured)]
     for name, values in parts.items():
         values = [v for v in values if v is not None]
@@ -182,14 +187,18 @@ def overhead_split(turns: list[Turn]) -> dict[str, dict[str, float]]:
 
 
 def split_table(rows: list[Row]) -> str:
-    """Where the overhead went, per row that has the worker's split (end-to-end rows)."""
+    """Where the overhead went, per row that has the worker's split (end-to-end rows), and the load generator's
+    own CPU (the share of a core each of its processes used over the row)."""
     names = [*SPLIT, *CLOCKED, "rest"]
-    lines = ["| channels | " + " | ".join(f"{n} p50 / p95 ms" for n in names) + " |", "|" + "---|" * (len(names) + 1)]
+    lines = ["| channels | " + " | ".join(f"{n} p50 / p95 ms" for n in names) + " | client processes | client CPU each |",
+             "|" + "---|" * (len(names) + 3)]
     for row in rows:
         split = row.extra.get("overhead_split_ms")
         if not split:
             continue
         cells = [f"{split[n]['p50']:.1f} / {split[n]['p95']:.1f}" if n in split else "-" for n in names]
+        cpu = row.extra.get("client_cpu_per_process")
+        cells += [str(row.extra.get("client_processes", "-")), "-" if cpu is None else f"{cpu:.2f}"]
         lines.append(f"| {row.channels} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -226,9 +235,10 @@ def table(rows: list[Row]) -> str:
 # -- end to end ------------------------------------------------------------------------------------
 
 
-def run_channels(one_channel, channels: int) -> float:
+def run_channels(one_channel, channels: int | list[int]) -> float:
     """one_channel(i) for every channel at once, a thread each; the wall time until all are done."""
-    threads = [threading.Thread(target=one_channel, args=(i,), daemon=True) for i in range(channels)]
+    ids = range(channels) if isinstance(channels, int) else channels
+    threads = [threading.Thread(target=one_channel, args=(i,), daemon=True) for i in ids]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -245,14 +255,28 @@ class StreamReader:
     14, its `StreamHub`, but still with a thread per reply). Each turn's events land in its
     Turn; `wait(job_id)` blocks until its done or error event. A job that fails without a word (its
     worker died for good) is found by a check every few seconds.
+
+    A turn added while the reader is blocked in an XREAD that lacks its stream wakes it through a stream of
+    the reader's own, as the bots' hub does, and an idle reader waits for the next turn rather than polling:
+    before session 18 it slept 10 ms at a time when it followed nothing and blocked up to 100 ms without the
+    new stream, so a turn's first events could be read that much late (its time to first token, not its
+    overhead, which ends at the done event).
     """
 
+    BLOCK_MS = 1000
+
     def __init__(self, client, timeout: float) -> None:
+        from shared.protocol import new_id
+
         self.client = client
         self.r = client.r
         self.timeout = timeout
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.turns: dict[str, tuple[Turn, str, threading.Event]] = {}  # job id -> (turn, last entry id, done)
+        self.asleep = False  # blocked in an XREAD that lacks a stream added since
+        self.wake_key = f"shallow:bench-reader:{new_id()}"
+        self.wake_last = "0-0"
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="bench-reader", daemon=True)
         self.thread.start()
@@ -261,6 +285,13 @@ class StreamReader:
         done = threading.Event()
         with self.lock:
             self.turns[job_id] = (turn, "0-0", done)
+            wake, self.asleep = self.asleep, False
+            self.changed.notify()
+        if wake:
+            with self.r.pipeline(transaction=False) as p:
+                p.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                p.expire(self.wake_key, 600)
+                p.execute()
         return done
 
     def _finish(self, job_id: str) -> None:
@@ -272,22 +303,31 @@ class StreamReader:
         from shared.protocol import EVENT_FIELD, Chunk, Done, Error, Start, decode_event, stream_key
 
         last_check = time.monotonic()
+        wake = self.wake_key.encode()
         while not self.stopped.is_set():
             with self.lock:
+                while not self.turns and not self.stopped.is_set():
+                    self.changed.wait(0.5)
                 streams = {stream_key(j): last for j, (_, last, _) in self.turns.items()}
+                self.asleep = True
             if not streams:
-                time.sleep(0.01)
                 continue
-            resp = self.r.xread(streams, block=100, count=1000)
-            now = time.perf_counter()
+            streams[self.wake_key] = self.wake_last
+            resp = self.r.xread(streams, block=self.BLOCK_MS, count=1000)
+            now, now_wall = time.perf_counter(), time.time()
+            with self.lock:
+                self.asleep = False
             for key, entries in resp or []:
+                if key == wake:
+                    self.wake_last = entries[-1][0].decode()
+                    continue
                 job_id = key.decode().rsplit(":", 1)[1]
                 with self.lock:
                     if job_id not in self.turns:
                         continue
                     turn, _, done = self.turns[job_id]
                     self.turns[job_id] = (turn, entries[-1][0].decode(), done)
-                for _, fields in entries:
+                for entry_id, fields in entries:
                     event = decode_event(fields[EVENT_FIELD.encode()])
                     if isinstance(event, Start):
                         turn.started = now
@@ -295,7 +335,8 @@ class StreamReader:
                         turn.first_token = now
                     elif isinstance(event, Done):
                         turn.done, turn.tokens, turn.model_seconds = now, event.completion_tokens, event.model_seconds
-                        turn.done_wall = time.time()
+                        turn.done_wall, turn.read_wall = time.time(), now_wall
+                        turn.done_entry_ms = int(entry_id.split(b"-")[0])  # Redis' clock as it appended the event
                         turn.pipeline_ms = dict(event.pipeline_ms)
                         self._finish(job_id)
                         break
@@ -309,13 +350,16 @@ class StreamReader:
                     waiting = list(self.turns.items())
                 for job_id, (turn, _, _) in waiting:
                     ended = self.client._ended_without_reply(job_id)  # noqa: SLF001 - the client's own check
-                    if ended is not None or now - turn.enqueued > self.timeout:
+                    if ended is not None or time.perf_counter() - turn.enqueued > self.timeout:
                         turn.error = ended.message if ended else "timed out"
                         self._finish(job_id)
 
     def stop(self) -> None:
-        self.stopped.set()
+        with self.lock:
+            self.stopped.set()
+            self.changed.notify()
         self.thread.join(5)
+        self.r.delete(self.wake_key)
 
 
 def open_connections(r, n: int) -> None:
@@ -328,17 +372,15 @@ def open_connections(r, n: int) -> None:
         pool.release(conn)
 
 
-def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: int, run_id: str) -> Row:
-    """N channels at once, each sending `turns` turns one after another through Redis and the workers."""
-    from rq.job import Job
-    from rq.serializers import JSONSerializer
-
+def play_channels(settings: Settings, channel_ids: list[int], turns: int, new_tokens: int, run_id: str,
+                  ready=None, go=None) -> dict:
+    """Channels `channel_ids`, each sending `turns` turns one after another, from this process: a thread a
+    channel and one reader for all their streams. With `ready` (called once the connections are open) and
+    `go` (an event then waited for), the processes of one row start together."""
     from shared.client import TurnClient
 
     client = TurnClient(settings)
-    if client.workers_alive() == 0:
-        raise ConfigError("no worker is running on this queue: start `shallow worker` (or use --embedded)")
-    open_connections(client.r, channels + 2)
+    open_connections(client.r, len(channel_ids) + 2)
     results: list[tuple[str, Turn]] = []
     lock = threading.Lock()
     reader = StreamReader(client, timeout=settings.job_timeout * 2)
@@ -363,8 +405,81 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
         finally:
             client.reset(channel)
 
-    wall = run_channels(one_channel, channels)
+    if ready is not None:
+        ready()
+    if go is not None:
+        go.wait()
+    cpu = time.process_time()
+    start = time.perf_counter()
+    run_channels(one_channel, channel_ids)
+    end = time.perf_counter()
+    cpu = time.process_time() - cpu
     reader.stop()
+    return {"results": results, "start": start, "end": end, "cpu_s": cpu}
+
+
+def _play_in_child(conn, settings, channel_ids, turns, new_tokens, run_id, go) -> None:
+    try:
+        conn.send(play_channels(settings, channel_ids, turns, new_tokens, run_id, ready=lambda: conn.send("ready"), go=go))
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        conn.close()
+
+
+def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: int, run_id: str,
+                   client_processes: int = 1) -> Row:
+    """N channels at once, each sending `turns` turns one after another through Redis and the workers, from
+    `client_processes` processes (the channels dealt out among them; 1: all from this one, as one bot)."""
+    import multiprocessing
+
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from shared.client import TurnClient
+
+    client = TurnClient(settings)
+    if client.workers_alive() == 0:
+        raise ConfigError("no worker is running on this queue: start `shallow worker` (or use --embedded)")
+    n_proc = max(1, min(client_processes, channels))
+    groups = [list(range(k, channels, n_proc)) for k in range(n_proc)]
+    if n_proc == 1:
+        played = [play_channels(settings, groups[0], turns, new_tokens, run_id)]
+    else:
+        # forked before this process has threads of its own; perf_counter is the system's monotonic clock, so
+        # the children's times compare with each other's
+        ctx = multiprocessing.get_context("fork")
+        go = ctx.Event()
+        pipes, procs = [], []
+        try:
+            for group in groups:
+                parent_end, child_end = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_play_in_child, args=(child_end, settings, group, turns, new_tokens, run_id, go),
+                                   daemon=True)
+                proc.start()
+                child_end.close()
+                pipes.append(parent_end)
+                procs.append(proc)
+            for parent_end in pipes:  # each opens its connections before the row starts
+                got = parent_end.recv()
+                if got != "ready":
+                    raise RuntimeError(f"a bench client process failed: {got['error']}")
+            go.set()
+            played = []
+            for parent_end in pipes:
+                got = parent_end.recv()
+                if "error" in got:
+                    raise RuntimeError(f"a bench client process failed: {got['error']}")
+                played.append(got)
+        finally:
+            for proc in procs:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+    results = [item for p in played for item in p["results"]]
+    wall = max(p["end"] for p in played) - min(p["start"] for p in played)
+    cpu = sum(p["cpu_s"] for p in played)
     per_process: dict[str, int] = {}
     for job_id, turn in results:  # RQ's own enqueued -> started, read after the run so as not to load it
         if not job_id:
@@ -379,6 +494,11 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
             per_process[process] = per_process.get(process, 0) + 1
     row = summarise("end-to-end", channels, turns, new_tokens, [t for _, t in results], wall)
     row.extra["turns_per_worker_process"] = dict(sorted(per_process.items()))
+    # the load generator's own CPU: near 1.0 for one process, it is playing its channels as fast as one
+    # interpreter can, and its own waits are in the figures
+    row.extra["client_processes"] = n_proc
+    row.extra["client_cpu_s"] = round(cpu, 3)
+    row.extra["client_cpu_per_process"] = round(cpu / wall / n_proc, 3) if wall > 0 else None
     return row
 
 
@@ -498,6 +618,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed turns first, to load and compile (default 1)")
     p.add_argument("--warmup-channels", type=int, default=1,
                    help="channels that send the untimed turns at once (default 1; more reach more worker processes)")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="processes that play the channels, dealt out among them (default 1: all from one process, as one "
+                        "bot serves all its channels; more when that process is the bottleneck, see the client CPU column)")
     p.add_argument("--label", default="", help="a name for this configuration in the table and the JSON")
     p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     p.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for workers to load (default 900)")
@@ -510,6 +633,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--channels needs at least one count of 1 or more")
     if args.new_tokens < 1 or args.turns < 1:
         p.error("--new-tokens and --turns must be 1 or more")
+    if args.client_processes < 1:
+        p.error("--client-processes must be 1 or more")
     return args
 
 
@@ -543,7 +668,7 @@ def main(argv: list[str], settings: Settings) -> int:
                 warm = run_end_to_end(live, max(1, args.warmup_channels), args.warmup, args.new_tokens, run_id + "-warmup")
                 print(f"bench: warm-up turns per worker process: {warm.extra['turns_per_worker_process']}", file=sys.stderr, flush=True)
             for n in args.channel_counts:
-                rows.append(run_end_to_end(live, n, args.turns, args.new_tokens, run_id))
+                rows.append(run_end_to_end(live, n, args.turns, args.new_tokens, run_id, args.client_processes))
                 print(table(rows[-1:]), flush=True)
     for row in rows:
         row.extra["label"] = args.label
@@ -554,7 +679,8 @@ def main(argv: list[str], settings: Settings) -> int:
     print(table(rows))
     split = split_table(rows)
     if split:
-        print("\nthe overhead, split (the worker's own figures; the enqueue and the commit by the wall clock the bench shares with it):")
+        print("\nthe overhead, split (the worker's own figures; the enqueue, the commit and the delivery by the wall clock the bench "
+              "shares with it and Redis):")
         print(split)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
