@@ -52,8 +52,7 @@ class Turn:
     channel: int
     enqueued: float = 0.0
     enqueued_wall: float = 0.0  # time.time() at `enqueued`: compared with RQ's enqueued_at and the worker's sent_at
-    done_wall: float | None = None  # time.time() as the done event arrived
-    read_wall: float | None = None  # time.time() as the XREAD that brought the done event returned
+    done_wall: float | None = None  # time.time() as the XREAD that brought the done event returned (`done`'s moment)
     done_entry_ms: int | None = None  # the done event's stream entry id: Redis' clock (ms) as it appended it
     enqueue_ms: float | None = None  # enqueued -> RQ's enqueued_at (the client's session checks and its enqueue)
     started: float | None = None  # the worker's start event received (direct: the request made)
@@ -335,7 +334,7 @@ class StreamReader:
                         turn.first_token = now
                     elif isinstance(event, Done):
                         turn.done, turn.tokens, turn.model_seconds = now, event.completion_tokens, event.model_seconds
-                        turn.done_wall, turn.read_wall = time.time(), now_wall
+                        turn.done_wall = now_wall
                         turn.done_entry_ms = int(entry_id.split(b"-")[0])  # Redis' clock as it appended the event
                         turn.pipeline_ms = dict(event.pipeline_ms)
                         self._finish(job_id)

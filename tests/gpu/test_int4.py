@@ -18,7 +18,19 @@ from tests.gpu.test_unsloth_worker import adapter_dir, llama_dir  # noqa: F401 -
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 NEW = 24
-TIE = 0.03  # logits closer than this may swap between two correct bf16 computations (different summation orders)
+# two logits within this many bf16 steps (units in the last place at the top logit's size) of each other may swap
+# between two correct computations (different kernels and summation orders: the engine's int4 products run 2 rows,
+# the loop's 1). Session 17 used 0.03, under one bf16 step for logits of 4-8; on session 18's run the engine and the
+# loop parted at a margin of 0.031 (two steps for logits of 2-4)
+TIE_ULPS = 4
+
+
+def near_tie(top: float, margin: float) -> bool:
+    import math
+
+    ulp = 2.0 ** (math.floor(math.log2(max(abs(top), 1e-6))) - 7)  # bf16 keeps 8 significant bits
+    return margin <= TIE_ULPS * ulp
+
 PROMPTS = ["Tell me about the sea.", "What is your favourite ship and why?", "Count to twenty.", "Name three rivers.",
            "Write a poem about a cat.", "Where do whales sleep?"]
 
@@ -69,11 +81,11 @@ def test_int4_weights_serve_what_a_greedy_loop_writes_on_them(llama_dir, adapter
                 cache, logits = out.past_key_values, out.logits[0, -1].float()
                 for _ in range(NEW):  # each next token: int4
                     top = logits.topk(2)
-                    margins.append((top.values[0] - top.values[1]).item())
+                    margins.append((top.values[0].item(), (top.values[0] - top.values[1]).item()))
                     expected.append(int(top.indices[0]))
                     out = quantized(torch.tensor([[expected[-1]]], device="cuda"), past_key_values=cache, use_cache=True)
                     cache, logits = out.past_key_values, out.logits[0, -1].float()
-            clear = next((i for i, m in enumerate(margins) if m < TIE), NEW)  # steps before the first near tie
+            clear = next((i for i, (t, m) in enumerate(margins) if near_tie(t, m)), NEW)  # steps before the first near tie
             request = Request(ids=ids, max_new_tokens=NEW, eos=frozenset(), temperature=0.0, top_p=1.0, repetition_penalty=1.0)
             backend.engine.submit(request)
             got: list[int] = []
@@ -81,7 +93,7 @@ def test_int4_weights_serve_what_a_greedy_loop_writes_on_them(llama_dir, adapter
                 assert not isinstance(item, BaseException), item
                 got.extend(item)
             assert len(got) == NEW
-            compared.append((got[:clear], expected[:clear], [round(m, 3) for m in margins[:clear + 1]]))
+            compared.append((got[:clear], expected[:clear], [round(m, 3) for _, m in margins[:clear + 1]]))
             clear_steps += clear
         for got_clear, expected_clear, margins_seen in compared:
             print(f"int4: engine {got_clear} loop {expected_clear} margins {margins_seen}")
