@@ -107,8 +107,16 @@ class SessionStore:
             created_at=float(d.get("created_at") or 0),
         )
 
-    def history(self, channel: str, mode: Mode) -> list[Message]:
-        raw = self.r.lrange(_key(channel, mode.value, "turns"), 0, -1)
+    def history(self, channel: str, mode: Mode, pipeline: redis.client.Pipeline | None = None) -> list[Message] | None:
+        """The session's exchanges so far; with `pipeline`, queued there (returns None): `parse_history` reads
+        the pipeline's answer."""
+        if pipeline is not None:
+            pipeline.lrange(_key(channel, mode.value, "turns"), 0, -1)
+            return None
+        return self.parse_history(self.r.lrange(_key(channel, mode.value, "turns"), 0, -1))
+
+    @staticmethod
+    def parse_history(raw: list) -> list[Message]:
         out = []
         for item in raw:
             turn = json.loads(item)

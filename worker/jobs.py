@@ -257,11 +257,13 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
         logger.warning("job %s: refused payload: %s", job_id, exc)
         stream.emit(Error(code="bad_request", message=f"This request could not be read: {exc}"))
         return {"error": str(exc)}
-    with rt.connection.pipeline(transaction=False) as p:  # one round trip; an attempt counted for nothing is harmless
+    # one round trip: an attempt counted for nothing is harmless, and so is a history read for a reply already done
+    with rt.connection.pipeline(transaction=False) as p:
         p.exists(done_key(req.job_id))
         p.incr(f"shallow:attempt:{req.job_id}")
         p.expire(f"shallow:attempt:{req.job_id}", rt.settings.stream_ttl)
-        already, attempt, _ = p.execute()
+        rt.store.history(req.channel, req.mode, pipeline=p)
+        already, attempt, _, raw_history = p.execute()
     if already:
         logger.info("job %s: reply already committed; nothing to do", req.job_id)
         return {"status": "already_done"}
@@ -272,7 +274,7 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     stream.open()
     try:
-        done = _generate(rt, req, stream, attempt, entered)
+        done = _generate(rt, req, stream, attempt, entered, history=rt.store.parse_history(raw_history))
         flushed = time.monotonic()
         stream.flush()  # every chunk is in the stream before the done event
         timings = dict(done.pipeline_ms)
@@ -321,7 +323,8 @@ def _since(started) -> float | None:
         return None
 
 
-def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int, entered: float | None = None) -> Done:
+def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int, entered: float | None = None,
+              history: list | None = None) -> Done:
     s = rt.settings
     backend = rt.backend
     max_new = min(req.max_new_tokens or s.generation.max_new_tokens, s.generation.max_new_tokens)
@@ -334,7 +337,8 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int, enter
     else:
         system = CHAT_SYSTEM_PROMPT
         text = req.text
-    history = rt.store.history(req.channel, req.mode)
+    if history is None:
+        history = rt.store.history(req.channel, req.mode)
     messages = fit_messages(system, history, text, backend.count_tokens, budget)
 
     parts: list[str] = []  # every chunk streamed, so the final text is exactly what followers saw

@@ -28,6 +28,11 @@ def test_a_reply_is_committed_once(store):
     assert _commit(store, chat, "job1")
     assert not _commit(store, chat, "job1", reply="a second attempt")  # a retried job writes nothing
     assert store.history("c:1", Mode.CHAT) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with store.r.pipeline(transaction=False) as p:  # as the worker reads it, with its other reads in one round trip
+        p.exists("nothing")
+        assert store.history("c:1", Mode.CHAT, pipeline=p) is None
+        _, raw = p.execute()
+    assert store.parse_history(raw) == store.history("c:1", Mode.CHAT)
     events = store.r.xrange(stream_key("job1"))
     assert len(events) == 1 and decode_event(events[0][1][b"e"]).text == "hello"
     assert store.get("c:1", Mode.CHAT).turns == 1
