@@ -246,7 +246,7 @@ class TurnClient:
         if view.mode is Mode.STORY and view.story is not None:
             story = view.story
             return self._submit(channel, story, story_action(text, story.choices), text, user, reply_to, job_id,
-                                claimed_by=view.claimed_by)
+                                claimed_by=view.claimed_by, kept=view.kept())
         return self._chat_turn(channel, view, text, user, reply_to, job_id)  # a story that expired: back to chat
 
     def chat(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
@@ -267,7 +267,7 @@ class TurnClient:
         the channel's mode becomes chat."""
         session = view.chat or Session.new(channel, Mode.CHAT)
         return self._submit(channel, session, text, text, user, reply_to, job_id, claimed_by=view.claimed_by,
-                            new_session=view.chat is None, set_mode=True, **limits)
+                            new_session=view.chat is None, set_mode=view.mode is not Mode.CHAT, kept=view.kept(), **limits)
 
     def _hold(self) -> int:
         """How long a turn's claim of its channel lasts: past every attempt of its job, then it lapses."""
@@ -282,7 +282,7 @@ class TurnClient:
         view = self.store.open_turn(channel, job_id, self._hold())  # a busy channel keeps its story: refused first
         story = Session.new(channel, Mode.STORY, title)
         return self._submit(channel, story, "", f"/story {title}", user, reply_to, job_id, claimed_by=view.claimed_by,
-                            new_session=True)
+                            new_session=True, kept=view.kept())
 
     def end_story(self, channel: str) -> Session | None:
         return self.store.end_story(channel)
@@ -307,9 +307,11 @@ class TurnClient:
         self, channel: str, session: Session, text: str, user_text: str, user: str | None, reply_to: dict | None,
         job_id: str | None = None, *, max_new_tokens: int | None = None, ignore_eos: bool = False,
         claimed_by: str | None | object = _NOT_CLAIMED, new_session: bool = False, set_mode: bool = False,
+        kept: tuple[Mode, ...] | None = None,
     ) -> Submitted:
         """Enqueue the turn. claimed_by: what `open_turn` found (None: the claim is ours), else it is claimed here;
-        new_session: write `session` with the job; set_mode: make `session.mode` the channel's mode with it."""
+        new_session: write `session` with the job; set_mode: make `session.mode` the channel's mode with it;
+        kept: the channel's sessions that exist (`TurnView.kept`), whose keys get a new lease (None: every mode's)."""
         s = self.settings
         request = TurnRequest(
             channel=channel,
@@ -350,7 +352,11 @@ class TurnClient:
                 self.store.write_new(session, p)
             elif set_mode:
                 self.store.set_mode(channel, session.mode, pipeline=p)
-            self.store.touch(channel, pipeline=p)
+            # a new lease for the keys that exist and were not just written with one (an EXPIRE of a key that is
+            # not there does nothing: a chat turn in a channel without a story sends 3 EXPIREs, not 5 and a SET)
+            modes = tuple(Mode) if kept is None else kept
+            self.store.touch(channel, pipeline=p, modes=tuple(m for m in modes if not (new_session and m is session.mode)),
+                             mode_key=not (new_session or set_mode))
             p.execute()
         logger.info("enqueued job %s: %s turn in %s", request.job_id, session.mode.value, channel)
         return Submitted(job_id=request.job_id, request=request, session=session)

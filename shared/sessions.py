@@ -74,6 +74,10 @@ class TurnView:
     story: Session | None
     claimed_by: str | None  # None: the turn is ours; else the job holding the channel ("": released meanwhile)
 
+    def kept(self) -> tuple[Mode, ...]:
+        """The modes whose session the channel has."""
+        return tuple(m for m, session in ((Mode.CHAT, self.chat), (Mode.STORY, self.story)) if session is not None)
+
 
 class SessionStore:
     def __init__(self, connection: redis.Redis, ttl: int, stream_ttl: int = 3600, stream_maxlen: int = 4000) -> None:
@@ -182,14 +186,17 @@ class SessionStore:
         self.r.delete(*sessions, *(k + ":turns" for k in sessions), _key(channel, "mode"))
         return had
 
-    def touch(self, channel: str, pipeline: redis.client.Pipeline | None = None) -> None:
-        """Keep the channel's keys another session TTL; into `pipeline` (the caller executes it) when given."""
+    def touch(self, channel: str, pipeline: redis.client.Pipeline | None = None, modes: tuple[Mode, ...] = tuple(Mode),
+              mode_key: bool = True) -> None:
+        """Keep the channel's keys another session TTL: the sessions of `modes` and, with `mode_key`, the channel's
+        mode; into `pipeline` (the caller executes it) when given."""
         with self.r.pipeline() as own:
             p = pipeline if pipeline is not None else own
-            for m in Mode:
+            for m in modes:
                 p.expire(_key(channel, m.value), self.ttl)
                 p.expire(_key(channel, m.value, "turns"), self.ttl)
-            p.expire(_key(channel, "mode"), self.ttl)
+            if mode_key:
+                p.expire(_key(channel, "mode"), self.ttl)
             if pipeline is None:
                 own.execute()
 

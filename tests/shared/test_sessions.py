@@ -158,3 +158,46 @@ def test_a_message_is_enqueued_in_two_round_trips_with_its_session_kept(redis_pr
     back, trips = _count_round_trips(r, lambda: client.say("c:rt", "hello again", user="u"))
     assert trips == 2 and back.request.mode is Mode.CHAT and back.session.id == first.session.id
     assert client.store.mode("c:rt") is Mode.CHAT
+
+def test_a_turn_renews_the_leases_of_what_the_channel_has_and_sends_nothing_more(redis_proc, tmp_path):
+    """A chat turn gives a new lease (the session TTL) to the channel's sessions and mode, and to its story when it
+    has one; keys that are not there, or were just written with a lease, are left alone: a chat turn in a channel
+    without a story sends 3 EXPIREs and no SET of the mode (it sent 5 EXPIREs and a SET, ~0.6 ms of the client's CPU
+    a turn in all, `python -m bench.enqueue_cost`)."""
+    from dataclasses import replace
+
+    from shared.client import TurnClient
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    r, ttl = client.r, client.settings.session_ttl
+
+    def ours(action):
+        r.config_resetstat()
+        result = action()
+        stats = r.info("commandstats")
+        client.store.release_turn(result.request.channel, result.job_id)
+        return {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("expire", "set")}
+
+    # a new channel: the session written with its lease (HSET, EXPIRE), the mode with its own (SET EX); the claim
+    assert ours(lambda: client.chat("c:lease", "hello")) == {"expire": 1, "set": 2}
+    client.store.commit_reply(channel="c:lease", mode=Mode.CHAT, session_id=client.store.get("c:lease", Mode.CHAT).id,
+                              job_id="j0", user_text="hello", reply="hi", choices=None, done_event="{}")
+    for key in ("shallow:s:c:lease:chat", "shallow:s:c:lease:chat:turns", "shallow:s:c:lease:mode"):
+        r.expire(key, 100)
+    assert ours(lambda: client.chat("c:lease", "again")) == {"expire": 3, "set": 1}  # chat, its turns, the mode; the claim
+    for key in ("shallow:s:c:lease:chat", "shallow:s:c:lease:chat:turns", "shallow:s:c:lease:mode"):
+        assert ttl - 5 < r.ttl(key) <= ttl, key
+    assert not r.exists("shallow:s:c:lease:story") and not r.exists("shallow:s:c:lease:story:turns")
+    # with a story too: a story's action renews both sessions and the mode
+    ours(lambda: client.start_story("c:lease", "The Lost Crown"))
+    assert client.store.mode("c:lease") is Mode.STORY and 0 < r.ttl("shallow:s:c:lease:story") <= ttl
+    r.expire("shallow:s:c:lease:chat", 100)
+    r.expire("shallow:s:c:lease:story", 100)
+    r.expire("shallow:s:c:lease:mode", 100)
+    ours(lambda: client.say("c:lease", "Open the door"))
+    assert all(ttl - 5 < r.ttl(f"shallow:s:c:lease:{k}") <= ttl for k in ("chat", "story", "mode"))
+    # and a chat turn in story mode: the mode is set to chat with its lease, the story's lease renewed
+    r.expire("shallow:s:c:lease:story", 100)
+    assert ours(lambda: client.chat("c:lease", "back to chat"))["set"] == 2  # the claim and the mode
+    assert client.store.mode("c:lease") is Mode.CHAT and ttl - 5 < r.ttl("shallow:s:c:lease:story") <= ttl
