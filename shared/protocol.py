@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
 
@@ -71,8 +71,11 @@ class TurnRequest:
     v: int = PROTOCOL_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # the fields as they are (all plain JSON values but the mode), not `asdict`'s recursive deep copy: 1.3 us
+        # against 24 us here, of the ~450 us of CPU a bot's message costs it (`python -m bench.enqueue_cost`)
+        data = dict(vars(self))
         data["mode"] = self.mode.value
+        data["reply_to"] = dict(self.reply_to)
         return data
 
     @classmethod
@@ -142,7 +145,7 @@ _EVENT_CLASSES = {EventType.START: Start, EventType.CHUNK: Chunk, EventType.DONE
 
 
 def encode_event(event: Event) -> str:
-    data = asdict(event)
+    data = dict(vars(event))  # plain JSON values: no need for `asdict`'s deep copy (a worker encodes every chunk)
     data["type"] = event.type.value
     data["v"] = PROTOCOL_VERSION
     return json.dumps(data, ensure_ascii=False)
