@@ -32,3 +32,36 @@ def test_the_bench_opens_its_connections_before_the_timed_turns(redis_proc):
     assert r.info("clients")["connected_clients"] == 8  # all open (the info calls use one of them)
     open_connections(r, 8)
     assert r.info("stats")["total_connections_received"] == opened  # kept open, none opened again
+
+
+def test_the_bench_reader_reads_a_turn_added_while_it_is_blocked_at_once(redis_proc, tmp_path):
+    """A turn added while the bench's reader is blocked in an XREAD over other streams wakes it (through a stream of
+    the reader's own): its done event is read at once, not when the block (1 s) ends. And the done event's stream
+    entry id is kept, for the overhead's commit/delivery split."""
+    import time
+    from dataclasses import replace
+
+    from bench.serve import StreamReader, Turn
+    from shared.client import TurnClient
+    from shared.protocol import EVENT_FIELD, Done, encode_event, stream_key
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    reader = StreamReader(client, timeout=60)
+    try:
+        assert reader.BLOCK_MS >= 1000
+        reader.add("job-a", Turn(channel=0))  # nothing comes on this one: the reader blocks on it
+        time.sleep(0.3)
+        turn = Turn(channel=1, enqueued=time.perf_counter())
+        done = reader.add("job-b", turn)
+        added = time.perf_counter()
+        entry = client.r.xadd(stream_key("job-b"), {EVENT_FIELD: encode_event(Done(text="hi", prompt_tokens=3,
+                                                                                     completion_tokens=7))})
+        assert done.wait(5)
+        waited = time.perf_counter() - added
+        assert waited < 0.5, f"the done event was read {waited:.2f} s after its turn was added"
+        assert turn.tokens == 7 and turn.done_entry_ms == int(entry.split(b"-")[0])
+        assert turn.done_wall is not None and turn.done_wall * 1000 >= turn.done_entry_ms - 1
+    finally:
+        reader.stop()
+    assert not client.r.exists(reader.wake_key)
