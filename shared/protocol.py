@@ -126,8 +126,9 @@ class Done:
     attempt: int = 1
     model_seconds: float = 0.0  # time the worker spent in the model for this reply (the rest is pipeline)
     # where the worker spent the rest, in ms: rq_start (RQ's start of the job -> this job's code),
-    # before_model (the job's reads, the history and its prompt fitted, the start event), flush (chunks
-    # written to the stream after the model's last piece), sent_at (the worker's wall clock in ms, unix
+    # before_model (the job's reads, the history and its prompt fitted, the start event), flush (after the
+    # model's last piece, the wait for the reply's chunks being written then; since session 18 the text not yet sent
+    # goes with the done event, in the commit), sent_at (the worker's wall clock in ms, unix
     # time, as it commits the reply); what `shallow bench` splits its overhead by
     pipeline_ms: dict[str, float] = field(default_factory=dict)
     type: EventType = EventType.DONE

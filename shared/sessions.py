@@ -25,7 +25,8 @@ from shared.protocol import EVENT_FIELD, Mode, done_key, new_id, stream_key
 _COMMIT = """
 -- KEYS: done marker, session hash, turns list, reply stream, inflight key
 -- ARGV: job id, session id, user turn, reply turn, choices JSON or '', done event,
---       done ttl, session ttl, stream ttl, stream maxlen, stream field name
+--       done ttl, session ttl, stream ttl, stream maxlen, stream field name, the reply's last chunk event or ''
+--       (its text not yet in the stream: written just before the done event, in the same call)
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[7])) then
   return 0
 end
@@ -36,6 +37,7 @@ if redis.call('HGET', KEYS[2], 'id') == ARGV[2] then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
 end
+if ARGV[12] ~= '' then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[10], '*', ARGV[11], ARGV[12]) end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[10], '*', ARGV[11], ARGV[6])
 redis.call('EXPIRE', KEYS[4], tonumber(ARGV[9]))
 if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
@@ -243,8 +245,10 @@ class SessionStore:
         reply: str,
         choices: list[str] | None,
         done_event: str,
+        last_chunk: str = "",
     ) -> bool:
-        """Write the exchange and the done event, once. False when this job was already committed."""
+        """Write the exchange and the done event, once (after `last_chunk`, an encoded chunk event, when given: the
+        reply's text not yet in its stream). False when this job was already committed (nothing is written)."""
         now = time.time()
         user_turn = json.dumps({"role": "user", "content": user_text, "job_id": job_id, "at": now}, ensure_ascii=False)
         reply_turn = json.dumps({"role": "assistant", "content": reply, "job_id": job_id, "at": now}, ensure_ascii=False)
@@ -267,5 +271,6 @@ class SessionStore:
             self.stream_ttl,
             self.stream_maxlen,
             EVENT_FIELD,
+            last_chunk,
         ]
         return bool(self._commit(keys=keys, args=args))

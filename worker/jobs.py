@@ -124,6 +124,17 @@ class StreamWriter:
                     raise TimeoutError(f"the reply stream {key} was not written for {FLUSH_TIMEOUT:.0f}s (is Redis stalled?)")
             self._raise(key)
 
+    def take(self, key: str) -> tuple[str, int] | None:
+        """The text added for `key` and not yet sent (the pieces joined, and their attempt), taken back so that the
+        job writes it itself with its done event: one round trip for a reply's end, not the writer's and then the
+        commit's. Waits for a batch of this stream being written now (order); raises if writing one failed."""
+        with self.cond:
+            if key in self.inflight and not self.cond.wait_for(lambda: key not in self.inflight, FLUSH_TIMEOUT):
+                raise TimeoutError(f"the reply stream {key} was not written for {FLUSH_TIMEOUT:.0f}s (is Redis stalled?)")
+            self._raise(key)
+            pending = self.pending.pop(key, None)
+        return None if pending is None else ("".join(pending[0]), pending[1])
+
     def is_cancelled(self, key: str) -> bool:
         return key in self.cancelled
 
@@ -239,6 +250,11 @@ class Stream:
     def flush(self) -> None:
         self.writer.flush(self.key)
 
+    def take_last_chunk(self) -> str:
+        """The reply's text not yet in the stream, as an encoded chunk event ('' if none): the commit writes it."""
+        last = self.writer.take(self.key)
+        return encode_event(Chunk(text=last[0], attempt=last[1])) if last else ""
+
     def cancelled(self) -> bool:
         return self.writer.is_cancelled(self.key)
 
@@ -275,10 +291,12 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
     stream.open()
     try:
         done = _generate(rt, req, stream, attempt, entered, history=rt.store.parse_history(raw_history))
-        flushed = time.monotonic()
-        stream.flush()  # every chunk is in the stream before the done event
+        taken = time.monotonic()
+        # the text the writer has not sent yet goes into the stream with the done event, in the commit's one call
+        # (before session 18: a flush through the writer, then the commit); this waits only for a batch in flight
+        last_chunk = stream.take_last_chunk()
         timings = dict(done.pipeline_ms)
-        timings["flush"] = round(timings.get("flush", 0.0) + (time.monotonic() - flushed) * 1000, 2)
+        timings["flush"] = round(timings.get("flush", 0.0) + (time.monotonic() - taken) * 1000, 2)
         if rq_start is not None:
             timings["rq_start"] = round(rq_start * 1000, 2)
         done = replace(done, pipeline_ms=timings)
@@ -302,6 +320,7 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
         reply=done.text,
         choices=done.choices if req.mode is Mode.STORY else None,
         done_event=encode_event(done),
+        last_chunk=last_chunk,
     )
     elapsed = time.monotonic() - started
     logger.info(
@@ -346,14 +365,6 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int, enter
     def should_stop() -> bool:
         return stream.cancelled()  # read for all replies at once by the process's stream writer
 
-    pipeline_seconds = 0.0  # time spent streaming to Redis, told apart from the model's time
-
-    def send() -> None:
-        nonlocal pipeline_seconds
-        now = time.monotonic()
-        stream.flush()
-        pipeline_seconds += time.monotonic() - now
-
     def emit(piece: str) -> None:
         """Pieces go to the process's stream writer: the first at once, then batched every CHUNK_INTERVAL."""
         parts.append(piece)
@@ -366,7 +377,7 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int, enter
             emit(piece)
     finally:
         gen.pieces.close()  # type: ignore[attr-defined]
-    send()
+    # no flush here: the writer sends what is pending every CHUNK_INTERVAL, and the job's commit writes the rest
     reply = "".join(parts)
     completion_tokens = gen.completion_tokens
     choices: list[str] = []
@@ -376,9 +387,8 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int, enter
             # The model wrote no menu: ask for the choices one line at a time, each prompted with its number.
             choices, extra = _force_choices(rt, messages, reply.rstrip(), emit, should_stop)
             completion_tokens += extra
-            send()
-    model_seconds = time.monotonic() - started - pipeline_seconds
-    timings = {"flush": round(pipeline_seconds * 1000, 2)}
+    model_seconds = time.monotonic() - started
+    timings: dict[str, float] = {}
     if entered is not None:
         timings["before_model"] = round((started - entered) * 1000, 2)
     return Done(

@@ -121,3 +121,40 @@ def test_a_replys_first_words_are_written_at_once_not_at_the_next_interval(redis
     writer.flush(key)
     assert "".join(e.text for e in events(r, key)) == "Hello again"
     writer.close(key)
+
+
+def test_a_reply_takes_back_its_unsent_text_to_write_it_with_its_done_event(redis_proc):
+    """At a reply's end the job takes the text the writer has not sent yet and its commit writes it, then the done
+    event, in one call: every piece is in the stream once, in order, before the done event; with nothing pending
+    there is nothing to take; a commit of a reply already committed writes neither."""
+    from dataclasses import replace
+
+    from shared.protocol import Mode
+    from shared.sessions import SessionStore
+
+    r = redis_proc.client()
+    store = SessionStore(r, ttl=600)
+    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=0.2)
+    session = store.create("c:take", Mode.CHAT)
+    key = stream_key("take1")
+    writer.open(key, key + ":cancel")
+    writer.add(key, "Hello", attempt=2)  # the first words: sent at once
+    writer.flush(key)
+    for n in range(5):
+        writer.add(key, f" {n}", attempt=2)  # the rest waits for the writer's next interval (0.2 s)...
+    text, attempt = writer.take(key)  # ...or is taken back
+    assert (text, attempt) == (" 0 1 2 3 4", 2) and writer.take(key) is None
+    time.sleep(0.3)  # the writer's next interval: nothing of it is written by the writer
+    assert [e.text for e in events(r, key)] == ["Hello"]
+    done = Done(text="Hello 0 1 2 3 4", prompt_tokens=3, completion_tokens=6, attempt=2)
+    args = dict(channel="c:take", mode=Mode.CHAT, session_id=session.id, job_id="take1", user_text="hi",
+                reply=done.text, choices=None, done_event=encode_event(done))
+    assert store.commit_reply(**args, last_chunk=encode_event(Chunk(text=text, attempt=attempt)))
+    got = events(r, key)
+    assert [type(e).__name__ for e in got] == ["Chunk", "Chunk", "Done"]
+    assert "".join(e.text for e in got[:-1]) == got[-1].text == "Hello 0 1 2 3 4"
+    assert not store.commit_reply(**args, last_chunk=encode_event(Chunk(text=" again", attempt=3)))
+    assert len(events(r, key)) == 3  # a second commit wrote nothing, its last chunk included
+    assert store.commit_reply(**dict(args, job_id="take2", done_event=encode_event(replace(done, text="x"))))
+    assert [type(e).__name__ for e in events(r, stream_key("take2"))] == ["Done"]  # no last chunk: only the done event
+    writer.close(key)
