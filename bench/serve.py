@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import timezone
 from pathlib import Path
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ShallowError
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -426,6 +426,14 @@ def _play_in_child(conn, settings, channel_ids, turns, new_tokens, run_id, go) -
         conn.close()
 
 
+def _receive(parent_end):
+    """What a client process sent, or its failure when it died without a word (killed, out of memory)."""
+    try:
+        return parent_end.recv()
+    except EOFError:
+        return {"error": "it ended without sending its turns"}
+
+
 def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: int, run_id: str,
                    client_processes: int = 1) -> Row:
     """N channels at once, each sending `turns` turns one after another through Redis and the workers, from
@@ -460,15 +468,15 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
                 pipes.append(parent_end)
                 procs.append(proc)
             for parent_end in pipes:  # each opens its connections before the row starts
-                got = parent_end.recv()
+                got = _receive(parent_end)
                 if got != "ready":
-                    raise RuntimeError(f"a bench client process failed: {got['error']}")
+                    raise ShallowError(f"a bench client process failed: {got['error']}")
             go.set()
             played = []
             for parent_end in pipes:
-                got = parent_end.recv()
+                got = _receive(parent_end)
                 if "error" in got:
-                    raise RuntimeError(f"a bench client process failed: {got['error']}")
+                    raise ShallowError(f"a bench client process failed: {got['error']}")
                 played.append(got)
         finally:
             for proc in procs:

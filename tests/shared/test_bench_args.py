@@ -65,3 +65,15 @@ def test_the_bench_reader_reads_a_turn_added_while_it_is_blocked_at_once(redis_p
     finally:
         reader.stop()
     assert not client.r.exists(reader.wake_key)
+
+
+def test_a_bench_client_process_that_dies_without_a_word_is_told_as_such():
+    import multiprocessing
+
+    from bench.serve import _receive
+
+    parent_end, child_end = multiprocessing.get_context("fork").Pipe(duplex=False)
+    child_end.send("ready")
+    child_end.close()
+    assert _receive(parent_end) == "ready"
+    assert _receive(parent_end) == {"error": "it ended without sending its turns"}
