@@ -81,6 +81,7 @@ class StreamWriter:
         self.cancel_interval = cancel_interval
         self.cond = threading.Condition()
         self.pending: dict[str, tuple[list[str], int]] = {}  # stream key -> (text pieces, attempt)
+        self.starts: dict[str, str] = {}  # stream key -> its start event (encoded), written before its text
         self.watched: dict[str, str] = {}  # stream key -> its cancel key, for every reply being written
         self.sent_first: set[str] = set()
         self.cancelled: set[str] = set()
@@ -100,9 +101,19 @@ class StreamWriter:
         with self.cond:
             self.watched.pop(key, None)
             self.pending.pop(key, None)
+            self.starts.pop(key, None)
             self.sent_first.discard(key)
             self.cancelled.discard(key)
             self.errors.pop(key, None)
+
+    def start(self, key: str, event: str) -> None:
+        """The reply's start event (encoded), written at once by the writer's thread, before any of its text: the
+        job goes on to fit its prompt meanwhile instead of waiting for the round trip."""
+        with self.cond:
+            self._raise(key)
+            self.starts[key] = event
+            self.urgent = True
+            self.cond.notify_all()
 
     def add(self, key: str, text: str, attempt: int) -> None:
         with self.cond:
@@ -117,10 +128,11 @@ class StreamWriter:
     def flush(self, key: str) -> None:
         """Return once every piece added so far is in Redis (raise if writing them failed)."""
         with self.cond:
-            if key in self.pending or key in self.inflight:
+            if key in self.pending or key in self.starts or key in self.inflight:
                 self.urgent = True
                 self.cond.notify_all()
-                if not self.cond.wait_for(lambda: key not in self.pending and key not in self.inflight, FLUSH_TIMEOUT):
+                if not self.cond.wait_for(lambda: key not in self.pending and key not in self.starts
+                                          and key not in self.inflight, FLUSH_TIMEOUT):
                     raise TimeoutError(f"the reply stream {key} was not written for {FLUSH_TIMEOUT:.0f}s (is Redis stalled?)")
             self._raise(key)
 
@@ -129,7 +141,11 @@ class StreamWriter:
         job writes it itself with its done event: one round trip for a reply's end, not the writer's and then the
         commit's. Waits for a batch of this stream being written now (order); raises if writing one failed."""
         with self.cond:
-            if key in self.inflight and not self.cond.wait_for(lambda: key not in self.inflight, FLUSH_TIMEOUT):
+            if key in self.starts:  # its start event first: written now, not with the commit
+                self.urgent = True
+                self.cond.notify_all()
+            if (key in self.starts or key in self.inflight) and not self.cond.wait_for(
+                    lambda: key not in self.starts and key not in self.inflight, FLUSH_TIMEOUT):
                 raise TimeoutError(f"the reply stream {key} was not written for {FLUSH_TIMEOUT:.0f}s (is Redis stalled?)")
             self._raise(key)
             pending = self.pending.pop(key, None)
@@ -151,14 +167,19 @@ class StreamWriter:
                     self.cond.wait(self.interval)
                 self.urgent = False
                 batch, self.pending = self.pending, {}
-                self.inflight = set(batch)
+                starts, self.starts = self.starts, {}
+                self.inflight = set(batch) | set(starts)
                 now = time.monotonic()
                 watched = list(self.watched.items()) if now - last_check >= self.cancel_interval else []
             if watched:
                 last_check = now
             try:
-                if batch or watched:
+                if batch or starts or watched:
                     with self.r.pipeline(transaction=False) as p:
+                        writes = [*starts, *batch]  # the streams written, in order: a start event before its text
+                        for key, event in starts.items():
+                            p.xadd(key, {EVENT_FIELD: event}, maxlen=self.maxlen, approximate=True)
+                            p.expire(key, self.ttl)
                         for key, (pieces, attempt) in batch.items():
                             event = encode_event(Chunk(text="".join(pieces), attempt=attempt))
                             p.xadd(key, {EVENT_FIELD: event}, maxlen=self.maxlen, approximate=True)
@@ -166,9 +187,9 @@ class StreamWriter:
                         for _, cancel in watched:
                             p.exists(cancel)
                         results = p.execute(raise_on_error=False)  # one stream's error is that stream's alone
-                    flags = results[2 * len(batch):]
+                    flags = results[2 * len(writes):]
                     with self.cond:
-                        for i, key in enumerate(batch):
+                        for i, key in enumerate(writes):
                             failed = next((x for x in results[2 * i:2 * i + 2] if isinstance(x, Exception)), None)
                             if failed is not None and key in self.watched:
                                 self.errors[key] = failed
@@ -180,7 +201,7 @@ class StreamWriter:
                     last_warning = time.monotonic()
                     logger.warning("writing %d reply streams to Redis failed: %s", len(batch), exc)
                 with self.cond:
-                    for key in batch:
+                    for key in [*batch, *starts]:
                         if key in self.watched:
                             self.errors[key] = exc
             with self.cond:
@@ -250,6 +271,10 @@ class Stream:
     def flush(self) -> None:
         self.writer.flush(self.key)
 
+    def start(self, event: Start) -> None:
+        """The start event, through the process's writer (at once, and before any text of this reply)."""
+        self.writer.start(self.key, encode_event(event))
+
     def take_last_chunk(self) -> str:
         """The reply's text not yet in the stream, as an encoded chunk event ('' if none): the commit writes it."""
         last = self.writer.take(self.key)
@@ -285,11 +310,12 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
         return {"status": "already_done"}
     attempt = int(attempt)
     final_attempt = job is None or not job.retries_left
-    stream.emit(Start(attempt=attempt, worker=job.worker_name if job and job.worker_name else rt.name))
-    logger.info("job %s: %s turn in %s (attempt %d)", req.job_id, req.mode.value, req.channel, attempt)
     started = time.monotonic()
     stream.open()
     try:
+        # written by the process's writer at once while this job fits its prompt (it waited for the round trip)
+        stream.start(Start(attempt=attempt, worker=job.worker_name if job and job.worker_name else rt.name))
+        logger.info("job %s: %s turn in %s (attempt %d)", req.job_id, req.mode.value, req.channel, attempt)
         done = _generate(rt, req, stream, attempt, entered, history=rt.store.parse_history(raw_history))
         taken = time.monotonic()
         # the text the writer has not sent yet goes into the stream with the done event, in the commit's one call

@@ -158,3 +158,33 @@ def test_a_reply_takes_back_its_unsent_text_to_write_it_with_its_done_event(redi
     assert store.commit_reply(**dict(args, job_id="take2", done_event=encode_event(replace(done, text="x"))))
     assert [type(e).__name__ for e in events(r, stream_key("take2"))] == ["Done"]  # no last chunk: only the done event
     writer.close(key)
+
+
+def test_a_replys_start_event_goes_out_through_the_writer_at_once_and_before_its_text(redis_proc):
+    """The job hands its start event to the writer and goes on (it waited for that round trip): the writer sends it
+    at once, not at its next interval, and always before the reply's text, even when the reply ends before the
+    writer got to it (its text then goes with the done event, after the start)."""
+    from shared.protocol import Start
+
+    r = redis_proc.client()
+    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=5.0)  # only what is urgent goes out within the test
+    key = stream_key("start1")
+    writer.open(key, key + ":cancel")
+    writer.start(key, encode_event(Start(attempt=1, worker="w")))
+    writer.add(key, "Hello", attempt=1)
+    writer.add(key, " there", attempt=1)
+    writer.flush(key)
+    got = events(r, key)
+    assert isinstance(got[0], Start) and "".join(e.text for e in got[1:]) == "Hello there"
+    for n in range(20):  # a reply that ends before the writer's thread has written its start
+        key = stream_key(f"short{n}")
+        writer.open(key, key + ":cancel")
+        writer.start(key, encode_event(Start(attempt=2, worker="w")))
+        writer.add(key, "Hi", attempt=2)
+        last = writer.take(key)  # waits for the start (and a first chunk in flight with it) to be written
+        if last is not None:
+            r.xadd(key, {EVENT_FIELD: encode_event(Chunk(text=last[0], attempt=last[1]))})
+        r.xadd(key, {EVENT_FIELD: encode_event(Done(text="Hi", prompt_tokens=1, completion_tokens=1, attempt=2))})
+        got = events(r, key)
+        assert [type(e).__name__ for e in got] == ["Start", "Chunk", "Done"], got
+        writer.close(key)
