@@ -134,18 +134,21 @@ def test_a_reply_takes_back_its_unsent_text_to_write_it_with_its_done_event(redi
 
     r = redis_proc.client()
     store = SessionStore(r, ttl=600)
-    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=0.2)
+    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=5.0)  # only what is urgent goes out within the test
     session = store.create("c:take", Mode.CHAT)
-    key = stream_key("take1")
+    key, other = stream_key("take1"), stream_key("other")
     writer.open(key, key + ":cancel")
+    writer.open(other, other + ":cancel")
     writer.add(key, "Hello", attempt=2)  # the first words: sent at once
     writer.flush(key)
     for n in range(5):
-        writer.add(key, f" {n}", attempt=2)  # the rest waits for the writer's next interval (0.2 s)...
+        writer.add(key, f" {n}", attempt=2)  # the rest waits for the writer's next batch...
     text, attempt = writer.take(key)  # ...or is taken back
     assert (text, attempt) == (" 0 1 2 3 4", 2) and writer.take(key) is None
-    time.sleep(0.3)  # the writer's next interval: nothing of it is written by the writer
-    assert [e.text for e in events(r, key)] == ["Hello"]
+    writer.add(other, "go", attempt=1)  # another stream's first words: the writer writes a batch now
+    writer.flush(other)
+    assert [e.text for e in events(r, other)] == ["go"]
+    assert [e.text for e in events(r, key)] == ["Hello"]  # and nothing taken back was in it
     done = Done(text="Hello 0 1 2 3 4", prompt_tokens=3, completion_tokens=6, attempt=2)
     args = dict(channel="c:take", mode=Mode.CHAT, session_id=session.id, job_id="take1", user_text="hi",
                 reply=done.text, choices=None, done_event=encode_event(done))
@@ -170,12 +173,13 @@ def test_a_replys_start_event_goes_out_through_the_writer_at_once_and_before_its
     writer = StreamWriter(r, maxlen=1000, ttl=60, interval=5.0)  # only what is urgent goes out within the test
     key = stream_key("start1")
     writer.open(key, key + ":cancel")
-    writer.start(key, encode_event(Start(attempt=1, worker="w")))
-    writer.add(key, "Hello", attempt=1)
-    writer.add(key, " there", attempt=1)
+    with writer.cond:  # held (it is re-entrant): the start and the text go in the writer's same batch
+        writer.start(key, encode_event(Start(attempt=1, worker="w")))
+        writer.add(key, "Hello", attempt=1)
+        writer.add(key, " there", attempt=1)
     writer.flush(key)
     got = events(r, key)
-    assert isinstance(got[0], Start) and "".join(e.text for e in got[1:]) == "Hello there"
+    assert [type(e).__name__ for e in got] == ["Start", "Chunk"] and got[1].text == "Hello there"
     for n in range(20):  # a reply that ends before the writer's thread has written its start
         key = stream_key(f"short{n}")
         writer.open(key, key + ":cancel")
