@@ -256,7 +256,7 @@ class StreamReader:
     worker died for good) is found by a check every few seconds.
 
     A turn added while the reader is blocked in an XREAD that lacks its stream wakes it through a stream of
-    the reader's own, as the bots' hub does, and an idle reader waits for the next turn rather than polling:
+    the reader's own (`shared.client.WakeStream`, as the bots' hub), and an idle reader waits for the next turn rather than polling:
     before session 18 it slept 10 ms at a time when it followed nothing and blocked up to 100 ms without the
     new stream, so a turn's first events could be read that much late (its time to first token, not its
     overhead, which ends at the done event).
@@ -265,7 +265,7 @@ class StreamReader:
     BLOCK_MS = 1000
 
     def __init__(self, client, timeout: float) -> None:
-        from shared.protocol import new_id
+        from shared.client import WakeStream
 
         self.client = client
         self.r = client.r
@@ -274,8 +274,7 @@ class StreamReader:
         self.changed = threading.Condition(self.lock)
         self.turns: dict[str, tuple[Turn, str, threading.Event]] = {}  # job id -> (turn, last entry id, done)
         self.asleep = False  # blocked in an XREAD that lacks a stream added since
-        self.wake_key = f"shallow:bench-reader:{new_id()}"
-        self.wake_last = "0-0"
+        self.wake = WakeStream(self.r, "shallow:bench-reader", 600)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="bench-reader", daemon=True)
         self.thread.start()
@@ -287,10 +286,7 @@ class StreamReader:
             wake, self.asleep = self.asleep, False
             self.changed.notify()
         if wake:
-            with self.r.pipeline(transaction=False) as p:
-                p.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
-                p.expire(self.wake_key, 600)
-                p.execute()
+            self.wake.ring()
         return done
 
     def _finish(self, job_id: str) -> None:
@@ -302,7 +298,6 @@ class StreamReader:
         from shared.protocol import EVENT_FIELD, Chunk, Done, Error, Start, decode_event, stream_key
 
         last_check = time.monotonic()
-        wake = self.wake_key.encode()
         while not self.stopped.is_set():
             with self.lock:
                 while not self.turns and not self.stopped.is_set():
@@ -311,14 +306,12 @@ class StreamReader:
                 self.asleep = True
             if not streams:
                 continue
-            streams[self.wake_key] = self.wake_last
-            resp = self.r.xread(streams, block=self.BLOCK_MS, count=1000)
+            resp = self.r.xread(self.wake.read_with(streams), block=self.BLOCK_MS, count=1000)
             now, now_wall = time.perf_counter(), time.time()
             with self.lock:
                 self.asleep = False
             for key, entries in resp or []:
-                if key == wake:
-                    self.wake_last = entries[-1][0].decode()
+                if self.wake.consumed(key, entries):
                     continue
                 job_id = key.decode().rsplit(":", 1)[1]
                 with self.lock:
@@ -358,7 +351,7 @@ class StreamReader:
             self.stopped.set()
             self.changed.notify()
         self.thread.join(5)
-        self.r.delete(self.wake_key)
+        self.wake.delete()
 
 
 def open_connections(r, n: int) -> None:

@@ -82,6 +82,41 @@ _NOT_CLAIMED = object()  # _submit's claimed_by when nothing has tried to claim 
 
 
 
+class WakeStream:
+    """A stream of a reader's own, read with the streams it follows, so that one that joins while the reader is
+    blocked in XREAD wakes it (one XADD for all that join together): the bots' `StreamHub` and `shallow bench`'s
+    reader both wait this way."""
+
+    def __init__(self, connection: redis.Redis, prefix: str, ttl: int) -> None:
+        self.r = connection
+        self.key = f"{prefix}:{new_id()}"
+        self.raw_key = self.key.encode()
+        self.ttl = ttl
+        self.last = "0-0"
+
+    def ring(self) -> None:
+        with self.r.pipeline(transaction=False) as p:
+            p.xadd(self.key, {"w": "1"}, maxlen=1, approximate=False)
+            p.expire(self.key, self.ttl)
+            p.execute()
+
+    def read_with(self, streams: dict) -> dict:
+        """`streams` (key -> last id) with this stream added, for an XREAD."""
+        streams[self.key] = self.last
+        return streams
+
+    def consumed(self, key, entries) -> bool:
+        """True when `key` is this stream (its entries are then taken as seen)."""
+        if (key if isinstance(key, bytes) else str(key).encode()) != self.raw_key:
+            return False
+        last = entries[-1][0]
+        self.last = last.decode() if isinstance(last, bytes) else last
+        return True
+
+    def delete(self) -> None:
+        self.r.delete(self.key)
+
+
 class StreamHub:
     """One reader for all the reply streams a client follows at once: one blocking XREAD over every followed
     stream, in a thread of its own, hands each stream's new entries to its follower.
@@ -96,9 +131,7 @@ class StreamHub:
 
     def __init__(self, connection: redis.Redis, ttl: int = 3600) -> None:
         self.r = connection
-        self.ttl = ttl
-        self.wake_key = f"shallow:hub:{new_id()}"
-        self.wake_last = "0-0"
+        self.wake = WakeStream(connection, "shallow:hub", ttl)
         self.lock = threading.Lock()
         self.subs: dict[bytes, Subscription] = {}
         self.asleep = False  # blocked in an XREAD that lacks a stream that joined since
@@ -119,10 +152,7 @@ class StreamHub:
             self.changed.notify()
         if wake:
             try:
-                with self.r.pipeline(transaction=False) as p:
-                    p.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
-                    p.expire(self.wake_key, self.ttl)
-                    p.execute()
+                self.wake.ring()
             except BaseException:
                 self.unsubscribe(sub)
                 raise
@@ -141,8 +171,7 @@ class StreamHub:
                     self.changed.wait()
                 asked = dict(self.subs)  # a stream followed anew meanwhile is read from its own start next time
                 self.asleep = True
-            streams = {key: sub.last for key, sub in asked.items()}
-            streams[self.wake_key.encode()] = self.wake_last
+            streams = self.wake.read_with({key: sub.last for key, sub in asked.items()})
             try:
                 resp = self.r.xread(streams, block=self.BLOCK_MS, count=200)
             except Exception as exc:  # noqa: BLE001 - each follower raises it, as its own read would have
@@ -157,10 +186,9 @@ class StreamHub:
             with self.lock:
                 self.asleep = False
                 for key, entries in resp or []:
-                    key = key if isinstance(key, bytes) else str(key).encode()
-                    if key == self.wake_key.encode():
-                        self.wake_last = entries[-1][0]
+                    if self.wake.consumed(key, entries):
                         continue
+                    key = key if isinstance(key, bytes) else str(key).encode()
                     sub = self.subs.get(key)
                     if sub is not None and sub is asked.get(key) and entries:
                         sub.last = entries[-1][0]

@@ -64,7 +64,7 @@ def test_the_bench_reader_reads_a_turn_added_while_it_is_blocked_at_once(redis_p
         assert turn.done_wall is not None and turn.done_wall * 1000 >= turn.done_entry_ms - 1
     finally:
         reader.stop()
-    assert not client.r.exists(reader.wake_key)
+    assert not client.r.exists(reader.wake.key)
 
 
 def test_a_bench_client_process_that_dies_without_a_word_is_told_as_such():
