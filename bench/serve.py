@@ -451,6 +451,7 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
         ctx = multiprocessing.get_context("fork")
         go = ctx.Event()
         pipes, procs = [], []
+        failed = True
         try:
             for group in groups:
                 parent_end, child_end = ctx.Pipe(duplex=False)
@@ -471,9 +472,10 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
                 if "error" in got:
                     raise ShallowError(f"a bench client process failed: {got['error']}")
                 played.append(got)
+            failed = False
         finally:
-            for proc in procs:
-                proc.join(10)
+            for proc in procs:  # after a failure the others are stopped at once (they may be waiting for `go`)
+                proc.join(0 if failed else 10)
                 if proc.is_alive():
                     proc.kill()
                     proc.join()

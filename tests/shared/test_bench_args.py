@@ -77,3 +77,31 @@ def test_a_bench_client_process_that_dies_without_a_word_is_told_as_such():
     child_end.close()
     assert _receive(parent_end) == "ready"
     assert _receive(parent_end) == {"error": "it ended without sending its turns"}
+
+
+def test_a_bench_client_process_that_fails_stops_the_row_at_once(redis_proc, tmp_path, monkeypatch):
+    """One client process failing before the row starts is one clear error, and the others (waiting for the row's
+    start) are stopped at once, not waited for."""
+    import time
+    from dataclasses import replace
+
+    import pytest
+
+    import bench.serve as serve
+    from shared.errors import ShallowError
+    from shared.settings import Settings
+
+    settings = replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path)
+    monkeypatch.setattr("shared.client.TurnClient.workers_alive", lambda self: 1)  # no turn is sent: no worker needed
+    real = serve.play_channels
+
+    def play(settings, channel_ids, *args, **kwargs):
+        if 1 in channel_ids:
+            raise RuntimeError("no connection for you")
+        return real(settings, channel_ids, *args, **kwargs)
+
+    monkeypatch.setattr(serve, "play_channels", play)  # a fault put in: the forked children run this module's one
+    began = time.monotonic()
+    with pytest.raises(ShallowError, match="RuntimeError: no connection for you"):
+        serve.run_end_to_end(settings, channels=3, turns=1, new_tokens=4, run_id="t", client_processes=3)
+    assert time.monotonic() - began < 8
