@@ -268,9 +268,6 @@ class Stream:
         """Text for the stream; the process's writer sends it with the next batch (the first at once)."""
         self.writer.add(self.key, text, attempt)
 
-    def flush(self) -> None:
-        self.writer.flush(self.key)
-
     def start(self, event: Start) -> None:
         """The start event, through the process's writer (at once, and before any text of this reply)."""
         self.writer.start(self.key, encode_event(event))
