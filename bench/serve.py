@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -189,16 +190,37 @@ def split_table(rows: list[Row]) -> str:
     """Where the overhead went, per row that has the worker's split (end-to-end rows), and the load generator's
     own CPU (the share of a core each of its processes used over the row)."""
     names = [*SPLIT, *CLOCKED, "rest"]
-    lines = ["| channels | " + " | ".join(f"{n} p50 / p95 ms" for n in names) + " | client processes | client CPU each |",
-             "|" + "---|" * (len(names) + 3)]
+    lines = ["| channels | " + " | ".join(f"{n} p50 / p95 ms" for n in names)
+             + " | client processes | client CPU each | Redis CPU | Redis commands a turn |",
+             "|" + "---|" * (len(names) + 5)]
     for row in rows:
         split = row.extra.get("overhead_split_ms")
         if not split:
             continue
         cells = [f"{split[n]['p50']:.1f} / {split[n]['p95']:.1f}" if n in split else "-" for n in names]
         cpu = row.extra.get("client_cpu_per_process")
-        cells += [str(row.extra.get("client_processes", "-")), "-" if cpu is None else f"{cpu:.2f}"]
+        redis = row.extra.get("redis") or {}
+        cells += [str(row.extra.get("client_processes", "-")), "-" if cpu is None else f"{cpu:.2f}",
+                  "-" if redis.get("cpu_per_s") is None else f"{redis['cpu_per_s']:.2f}", str(redis.get("commands_per_turn", "-"))]
         lines.append(f"| {row.channels} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def redis_table(rows: list[Row]) -> str:
+    """What each end-to-end row cost Redis: its CPU, its commands a turn and the heaviest of them."""
+    lines = ["| channels | host cores busy | workers' cores busy | Redis CPU (share of a core) | commands a turn | command us a turn "
+             "| heaviest: calls a turn x us a call |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        redis = row.extra.get("redis")
+        if not redis:
+            continue
+        top = ", ".join(f"{name} {v['per_turn']:g} x {v['usec_per_call']:g}" for name, v in list(redis["commands"].items())[:6])
+        cpu = "-" if redis["cpu_per_s"] is None else f"{redis['cpu_per_s']:.2f}"
+        host = row.extra.get("cpu") or {}
+        busy = "-" if host.get("host_cores_busy") is None else f"{host['host_cores_busy']:.2f} of {host['host_cores']}"
+        workers = "-" if host.get("worker_cores_busy") is None else f"{host['worker_cores_busy']:.2f}"
+        lines.append(f"| {row.channels} | {busy} | {workers} | {cpu} | {redis['commands_per_turn']:g} | {redis['command_usec_per_turn']:g} | {top} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -365,10 +387,11 @@ def open_connections(r, n: int) -> None:
 
 
 def play_channels(settings: Settings, channel_ids: list[int], turns: int, new_tokens: int, run_id: str,
-                  ready=None, go=None) -> dict:
+                  ready=None, go=None, stagger: float = 0.0) -> dict:
     """Channels `channel_ids`, each sending `turns` turns one after another, from this process: a thread a
     channel and one reader for all their streams. With `ready` (called once the connections are open) and
-    `go` (an event then waited for), the processes of one row start together."""
+    `go` (an event then waited for), the processes of one row start together. stagger: each channel sends its
+    first turn after its own delay, between 0 and this many seconds (the same for a channel in every run)."""
     from shared.client import TurnClient
 
     client = TurnClient(settings)
@@ -379,6 +402,8 @@ def play_channels(settings: Settings, channel_ids: list[int], turns: int, new_to
 
     def one_channel(i: int) -> None:
         channel = f"bench:{run_id}:{i}"
+        if stagger > 0:
+            time.sleep(random.Random(i).uniform(0.0, stagger))
         try:
             for k in range(turns):
                 turn = Turn(channel=i)
@@ -410,9 +435,10 @@ def play_channels(settings: Settings, channel_ids: list[int], turns: int, new_to
     return {"results": results, "start": start, "end": end, "cpu_s": cpu}
 
 
-def _play_in_child(conn, settings, channel_ids, turns, new_tokens, run_id, go) -> None:
+def _play_in_child(conn, settings, channel_ids, turns, new_tokens, run_id, go, stagger) -> None:
     try:
-        conn.send(play_channels(settings, channel_ids, turns, new_tokens, run_id, ready=lambda: conn.send("ready"), go=go))
+        conn.send(play_channels(settings, channel_ids, turns, new_tokens, run_id, ready=lambda: conn.send("ready"), go=go,
+                                stagger=stagger))
     except BaseException as exc:  # noqa: BLE001 - the parent reports it
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -427,10 +453,75 @@ def _receive(parent_end):
         return {"error": "it ended without sending its turns"}
 
 
+def cpu_snapshot(worker_sessions: list[int]) -> dict | None:
+    """The host's busy CPU time so far (all cores, /proc/stat) and that of the worker processes' sessions (each
+    worker the bench starts leads a session of its own: its fronts and model process are in it), in seconds.
+    None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    workers = 0
+    if worker_sessions:
+        sessions = set(worker_sessions)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                rest = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if int(rest[3]) in sessions:  # session id; utime and stime follow
+                workers += int(rest[11]) + int(rest[12])
+    return {"busy_s": busy / hz, "workers_s": workers / hz if worker_sessions else None}
+
+
+def cpu_load(before: dict | None, after: dict | None, wall: float) -> dict:
+    """Cores busy on average over a row: the whole host's, and the worker processes' (theirs is None when the
+    bench did not start them)."""
+    if before is None or after is None or wall <= 0:
+        return {}
+    workers = None if before["workers_s"] is None else round((after["workers_s"] - before["workers_s"]) / wall, 2)
+    return {"host_cores_busy": round((after["busy_s"] - before["busy_s"]) / wall, 2), "host_cores": os.cpu_count(),
+            "worker_cores_busy": workers}
+
+
+def redis_snapshot(r) -> dict:
+    """Redis' own CPU seconds (its main thread where the server tells it apart) and its command counts so far."""
+    cpu = r.info("cpu")
+    stats = r.info("commandstats")
+    main = cpu.get("used_cpu_sys_main_thread")
+    seconds = (main + cpu["used_cpu_user_main_thread"]) if main is not None else cpu["used_cpu_sys"] + cpu["used_cpu_user"]
+    return {"cpu_s": float(seconds),
+            "commands": {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for name, v in stats.items()}}
+
+
+def redis_load(before: dict, after: dict, wall: float, turns: int) -> dict:
+    """What a row cost Redis: the share of a core its one command thread used over the row (near 1.0: every
+    command waits its turn, and the round trips of the whole pipeline grow), commands a turn, and each command,
+    the one that took most of its time first (calls a turn, microseconds a call)."""
+    spent = {}
+    for name, (calls, usec) in after["commands"].items():
+        c0, u0 = before["commands"].get(name, (0, 0))
+        if calls > c0 and name != "info":  # INFO: the snapshots' own
+            spent[name] = (calls - c0, usec - u0)
+    turns = max(1, turns)
+    heaviest = sorted(spent.items(), key=lambda kv: -kv[1][1])
+    return {
+        "cpu_per_s": round((after["cpu_s"] - before["cpu_s"]) / wall, 3) if wall > 0 else None,
+        "commands_per_turn": round(sum(c for c, _ in spent.values()) / turns, 1),
+        "command_usec_per_turn": round(sum(u for _, u in spent.values()) / turns, 1),
+        "commands": {name: {"per_turn": round(c / turns, 2), "usec_per_call": round(u / c, 2)} for name, (c, u) in heaviest},
+    }
+
+
 def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: int, run_id: str,
-                   client_processes: int = 1) -> Row:
+                   client_processes: int = 1, worker_sessions: list[int] | None = None, stagger: float = 0.0) -> Row:
     """N channels at once, each sending `turns` turns one after another through Redis and the workers, from
-    `client_processes` processes (the channels dealt out among them; 1: all from this one, as one bot)."""
+    `client_processes` processes (the channels dealt out among them; 1: all from this one, as one bot).
+    worker_sessions: the pids of the workers the bench started (their CPU is counted). stagger: the channels'
+    first turns spread over this many seconds (0: all at once, a burst; each later turn follows its reply)."""
     import multiprocessing
 
     from rq.job import Job
@@ -443,8 +534,10 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
         raise ConfigError("no worker is running on this queue: start `shallow worker` (or use --embedded)")
     n_proc = max(1, min(client_processes, channels))
     groups = [list(range(k, channels, n_proc)) for k in range(n_proc)]
+    redis_before = redis_snapshot(client.r)
+    cpu_before = cpu_snapshot(worker_sessions or [])
     if n_proc == 1:
-        played = [play_channels(settings, groups[0], turns, new_tokens, run_id)]
+        played = [play_channels(settings, groups[0], turns, new_tokens, run_id, stagger=stagger)]
     else:
         # forked before this process has threads of its own; perf_counter is the system's monotonic clock, so
         # the children's times compare with each other's
@@ -455,7 +548,7 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
         try:
             for group in groups:
                 parent_end, child_end = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_play_in_child, args=(child_end, settings, group, turns, new_tokens, run_id, go),
+                proc = ctx.Process(target=_play_in_child, args=(child_end, settings, group, turns, new_tokens, run_id, go, stagger),
                                    daemon=True)
                 proc.start()
                 child_end.close()
@@ -479,6 +572,8 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
+    cpu_after = cpu_snapshot(worker_sessions or [])  # before the jobs are read back below
+    redis_after = redis_snapshot(client.r)
     results = [item for p in played for item in p["results"]]
     wall = max(p["end"] for p in played) - min(p["start"] for p in played)
     cpu = sum(p["cpu_s"] for p in played)
@@ -499,8 +594,12 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
     # the load generator's own CPU: near 1.0 for one process, it is playing its channels as fast as one
     # interpreter can, and its own waits are in the figures
     row.extra["client_processes"] = n_proc
+    row.extra["stagger_s"] = stagger
     row.extra["client_cpu_s"] = round(cpu, 3)
     row.extra["client_cpu_per_process"] = round(cpu / wall / n_proc, 3) if wall > 0 else None
+    row.extra["redis"] = redis_load(redis_before, redis_after, wall, len(results))
+    # the host's cores: when they are all busy, every process's round trips wait for a core too
+    row.extra["cpu"] = cpu_load(cpu_before, cpu_after, wall)
     return row
 
 
@@ -555,8 +654,9 @@ def registrations_per_worker(worker_args: list[str]) -> int:
 
 
 @contextmanager
-def embedded_stack(settings: Settings, workers: int, worker_args: list[str], timeout: float) -> Iterator[Settings]:
-    """A redis-server of its own (Unix socket, temporary data) and `workers` worker processes on it."""
+def embedded_stack(settings: Settings, workers: int, worker_args: list[str], timeout: float) -> Iterator[tuple[Settings, list[int]]]:
+    """A redis-server of its own (Unix socket, temporary data) and `workers` worker processes on it; yields the
+    settings that reach it and the workers' pids (each leads a process session of its own)."""
     import tempfile
 
     from rq import Worker
@@ -590,7 +690,7 @@ def embedded_stack(settings: Settings, workers: int, worker_args: list[str], tim
                     raise ConfigError(f"the bench workers did not start within {timeout:.0f}s")
                 time.sleep(0.5)
             print(f"bench: {workers} worker process(es) ready on an embedded Redis", file=sys.stderr, flush=True)
-            yield replace(settings, redis_url=url)
+            yield replace(settings, redis_url=url), [p.pid for p in procs]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -623,6 +723,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client-processes", type=int, default=1,
                    help="processes that play the channels, dealt out among them (default 1: all from one process, as one "
                         "bot serves all its channels; more when that process is the bottleneck, see the client CPU column)")
+    p.add_argument("--stagger", type=float, default=0.0,
+                   help="each channel sends its first turn after a delay of its own, up to this many seconds (default 0: "
+                        "every channel at the same moment, a burst that every part of the pipeline queues; chat users do "
+                        "not arrive that way)")
     p.add_argument("--label", default="", help="a name for this configuration in the table and the JSON")
     p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     p.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for workers to load (default 900)")
@@ -637,6 +741,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--new-tokens and --turns must be 1 or more")
     if args.client_processes < 1:
         p.error("--client-processes must be 1 or more")
+    if not 0 <= args.stagger <= 3600:
+        p.error(f"--stagger must be between 0 and 3600 seconds, got {args.stagger:g}")
     return args
 
 
@@ -665,12 +771,13 @@ def main(argv: list[str], settings: Settings) -> int:
     else:
         embedded = args.embedded or not settings.redis_url
         stack = embedded_stack(settings, args.workers, args.worker_args.split(), args.start_timeout) if embedded else _nothing(settings)
-        with stack as live:
+        with stack as (live, worker_pids):
             if args.warmup:
                 warm = run_end_to_end(live, max(1, args.warmup_channels), args.warmup, args.new_tokens, run_id + "-warmup")
                 print(f"bench: warm-up turns per worker process: {warm.extra['turns_per_worker_process']}", file=sys.stderr, flush=True)
             for n in args.channel_counts:
-                rows.append(run_end_to_end(live, n, args.turns, args.new_tokens, run_id, args.client_processes))
+                rows.append(run_end_to_end(live, n, args.turns, args.new_tokens, run_id, args.client_processes, worker_pids,
+                                           args.stagger))
                 print(table(rows[-1:]), flush=True)
     for row in rows:
         row.extra["label"] = args.label
@@ -684,6 +791,11 @@ def main(argv: list[str], settings: Settings) -> int:
         print("\nthe overhead, split (the worker's own figures; the enqueue, the commit and the delivery by the wall clock the bench "
               "shares with it and Redis):")
         print(split)
+    load = redis_table(rows)
+    if load:
+        print("\nthe host's cores and what Redis did over each row (INFO cpu and commandstats: every client's commands, the workers' "
+              "too):")
+        print(load)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
@@ -691,5 +803,5 @@ def main(argv: list[str], settings: Settings) -> int:
 
 
 @contextmanager
-def _nothing(settings: Settings) -> Iterator[Settings]:
-    yield settings
+def _nothing(settings: Settings) -> Iterator[tuple[Settings, list[int]]]:
+    yield settings, []

@@ -84,6 +84,7 @@ class StreamWriter:
         self.starts: dict[str, str] = {}  # stream key -> its start event (encoded), written before its text
         self.watched: dict[str, str] = {}  # stream key -> its cancel key, for every reply being written
         self.sent_first: set[str] = set()
+        self.renewed: dict[str, float] = {}  # stream key -> when its lease (EXPIRE) was last sent (monotonic)
         self.cancelled: set[str] = set()
         self.errors: dict[str, BaseException] = {}
         self.inflight: set[str] = set()  # streams of the batch being written now
@@ -103,6 +104,7 @@ class StreamWriter:
             self.pending.pop(key, None)
             self.starts.pop(key, None)
             self.sent_first.discard(key)
+            self.renewed.pop(key, None)
             self.cancelled.discard(key)
             self.errors.pop(key, None)
 
@@ -175,24 +177,41 @@ class StreamWriter:
                 last_check = now
             try:
                 if batch or starts or watched:
+                    # the streams written, in order (a start event before its text), and each one's commands
+                    writes: list[tuple[str, int]] = []
+                    renew: list[str] = []
                     with self.r.pipeline(transaction=False) as p:
-                        writes = [*starts, *batch]  # the streams written, in order: a start event before its text
                         for key, event in starts.items():
                             p.xadd(key, {EVENT_FIELD: event}, maxlen=self.maxlen, approximate=True)
                             p.expire(key, self.ttl)
+                            renew.append(key)
+                            writes.append((key, 2))
                         for key, (pieces, attempt) in batch.items():
                             event = encode_event(Chunk(text="".join(pieces), attempt=attempt))
                             p.xadd(key, {EVENT_FIELD: event}, maxlen=self.maxlen, approximate=True)
-                            p.expire(key, self.ttl)
+                            # the lease its start event set (the done event sets the last) is renewed only once a
+                            # quarter of it has passed: not with every chunk, half the commands of a reply's text
+                            if key not in starts and now - self.renewed.get(key, -self.ttl) >= self.ttl / 4:
+                                p.expire(key, self.ttl)
+                                renew.append(key)
+                                writes.append((key, 2))
+                            else:
+                                writes.append((key, 1))
                         for _, cancel in watched:
                             p.exists(cancel)
                         results = p.execute(raise_on_error=False)  # one stream's error is that stream's alone
-                    flags = results[2 * len(writes):]
+                    at = 0
                     with self.cond:
-                        for i, key in enumerate(writes):
-                            failed = next((x for x in results[2 * i:2 * i + 2] if isinstance(x, Exception)), None)
+                        for key in renew:
+                            if key in self.watched:  # not one closed meanwhile: it would stay here for good
+                                self.renewed[key] = now
+                        for key, n in writes:
+                            failed = next((x for x in results[at:at + n] if isinstance(x, Exception)), None)
+                            at += n
                             if failed is not None and key in self.watched:
                                 self.errors[key] = failed
+                    flags = results[at:]
+                    with self.cond:
                         for (key, _), flag in zip(watched, flags):
                             if flag and not isinstance(flag, Exception) and key in self.watched:
                                 self.cancelled.add(key)

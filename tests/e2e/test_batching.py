@@ -93,7 +93,8 @@ def test_bench_runs_end_to_end_and_direct(env, tmp_path):
     base = [sys.executable, "-m", "shared.cli", "bench", "--turns", "1", "--new-tokens", "8", "--warmup", "0"]
     environ = env.vars(SHALLOW_BACKEND="batched")
     environ.pop("REDIS_URL")  # its own Redis and worker
-    proc = subprocess.run([*base, "--channels", "1,3", "--worker-args", "--slots 3", "--client-processes", "2", "--json", str(out)],
+    proc = subprocess.run([*base, "--channels", "1,3", "--worker-args", "--slots 3", "--client-processes", "2", "--stagger", "0.2",
+                           "--json", str(out)],
                           env=environ, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -109,8 +110,15 @@ def test_bench_runs_end_to_end_and_direct(env, tmp_path):
         assert r["extra"]["host"]["python_us"] > 0 and r["extra"]["host"]["cpus"] >= 1  # the host it ran on
         # the channels dealt out to 2 client processes (one channel: one process), and their CPU counted
         assert r["extra"]["client_processes"] == min(2, r["channels"]) and r["extra"]["client_cpu_s"] > 0
-        assert 0 < r["extra"]["client_cpu_per_process"] <= 1.5
+        assert 0 < r["extra"]["client_cpu_per_process"] <= 1.5 and r["extra"]["stagger_s"] == 0.2
+        # what the row cost Redis (its commands: the worker's XADDs of the reply's chunks among them) and the host's
+        # cores, the worker processes' share within them
+        redis = r["extra"]["redis"]
+        assert redis["commands_per_turn"] > 10 and "xadd" in redis["commands"] and redis["cpu_per_s"] is not None
+        cpu = r["extra"]["cpu"]
+        assert 0 < cpu["worker_cores_busy"] <= cpu["host_cores"] and cpu["host_cores_busy"] > 0
     assert "| end-to-end | 3 |" in proc.stdout and "before_model p50 / p95 ms" in proc.stdout and "delivery p50 / p95 ms" in proc.stdout
+    assert "workers' cores busy" in proc.stdout
     direct = subprocess.run([*base, "--direct", "--channels", "2", "--json", str(out)],
                             env=environ, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert direct.returncode == 0, direct.stderr[-3000:]

@@ -105,3 +105,81 @@ def test_a_bench_client_process_that_fails_stops_the_row_at_once(redis_proc, tmp
     with pytest.raises(ShallowError, match="RuntimeError: no connection for you"):
         serve.run_end_to_end(settings, channels=3, turns=1, new_tokens=4, run_id="t", client_processes=3)
     assert time.monotonic() - began < 8
+
+
+def test_a_row_records_what_it_cost_redis_and_the_host(redis_proc):
+    """Redis' own CPU and its commands over a row (INFO cpu, commandstats), and the host's busy cores: the
+    commands sent between two snapshots are counted per turn, the heaviest first."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.serve import cpu_load, cpu_snapshot, redis_load, redis_snapshot
+
+    r = redis_proc.client()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"],
+                             start_new_session=True)  # a 'worker' that spins for 0.6 s of CPU, in a session of its own
+    try:
+        before, cpu_before = redis_snapshot(r), cpu_snapshot([child.pid])
+        with r.pipeline(transaction=False) as p:
+            for i in range(40):
+                p.xadd("s", {"k": "x" * 100})
+            for i in range(20):
+                p.expire("s", 60)
+            p.execute()
+        child.wait(30)
+        after, cpu_after = redis_snapshot(r), cpu_snapshot([child.pid])
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    load = redis_load(before, after, wall=2.0, turns=4)
+    assert load["commands"]["xadd"]["per_turn"] == 10 and load["commands"]["expire"]["per_turn"] == 5
+    assert list(load["commands"])[0] == "xadd"  # the heaviest first: 40 XADDs take longer than 20 EXPIREs
+    assert load["commands_per_turn"] >= 15 and load["command_usec_per_turn"] > 0 and load["cpu_per_s"] >= 0
+    # the child's CPU is read while it lives; it is gone at the second snapshot, so only the host sees all of it
+    assert cpu_before is not None and cpu_after is not None
+    host = cpu_load(cpu_before, cpu_after, wall=1.0)
+    assert host["host_cores"] == os.cpu_count() and host["host_cores_busy"] >= 0.5  # the child's 0.6 s, at least
+    assert cpu_load(None, cpu_after, 1.0) == {}
+
+
+def test_the_stagger_spreads_the_channels_first_turns(redis_proc, tmp_path, monkeypatch):
+    """--stagger S: each channel waits its own delay, between 0 and S, before its first turn (the same one in
+    every run); 0 sends them all at once."""
+    import threading
+    import time
+    from dataclasses import replace
+
+    import bench.serve as serve
+    from shared.settings import Settings
+
+    settings = replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path)
+    sent: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def chat(self, channel, *args, **kwargs):
+        with lock:
+            sent[int(channel.rsplit(":", 1)[1])] = time.perf_counter() - began
+        raise RuntimeError("no worker here")  # counted as the turn's error; the bench goes on
+
+    monkeypatch.setattr("shared.client.TurnClient.chat", chat)
+    began = time.perf_counter()
+    played = serve.play_channels(settings, list(range(6)), turns=1, new_tokens=4, run_id="s", stagger=1.0)
+    assert len(played["results"]) == 6 and all(t.error for _, t in played["results"])
+    delays = [serve.random.Random(i).uniform(0.0, 1.0) for i in range(6)]
+    assert max(delays) - min(delays) > 0.3
+    for i in range(6):
+        assert delays[i] - 0.05 <= sent[i] <= delays[i] + 0.5, (i, sent[i], delays[i])
+    sent.clear()
+    began = time.perf_counter()
+    serve.play_channels(settings, list(range(6)), turns=1, new_tokens=4, run_id="t")
+    assert max(sent.values()) < 0.3  # no stagger: all at once
+
+
+def test_the_stagger_is_checked():
+    from bench.serve import parse_args
+
+    assert parse_args(["--stagger", "1.5"]).stagger == 1.5
+    with pytest.raises(SystemExit):
+        parse_args(["--stagger", "-1"])

@@ -192,3 +192,41 @@ def test_a_replys_start_event_goes_out_through_the_writer_at_once_and_before_its
         got = events(r, key)
         assert [type(e).__name__ for e in got] == ["Start", "Chunk", "Done"], got
         writer.close(key)
+
+
+def test_a_replys_text_renews_its_lease_only_once_a_quarter_of_it_has_passed(redis_proc):
+    """The start event sets the stream's lease (EXPIRE); the chunks after it renew it only when a quarter of the
+    lease has gone by, not with every write (that was half the commands of a reply's text). A stream closed
+    leaves nothing behind in the writer."""
+    from shared.protocol import Start
+
+    r = redis_proc.client()
+
+    def calls(name: str) -> int:
+        return int(r.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0))
+
+    writer = StreamWriter(r, maxlen=1000, ttl=8, interval=0.02)  # a quarter of the lease: 2 s
+    key = stream_key("lease1")
+    writer.open(key, key + ":cancel")
+    xadds, expires = calls("xadd"), calls("expire")
+    writer.start(key, encode_event(Start(attempt=1, worker="w")))
+    for n in range(10):  # 10 chunks, each written in a batch of its own
+        writer.add(key, f" {n}", attempt=1)
+        writer.flush(key)
+    assert calls("xadd") - xadds == 11 and calls("expire") - expires == 1  # the start's lease only
+    assert 0 < r.ttl(key) <= 8
+    time.sleep(2.1)
+    writer.add(key, " late", attempt=1)
+    writer.flush(key)
+    assert calls("expire") - expires == 2  # a quarter of the lease had passed: renewed with this chunk
+    assert r.ttl(key) >= 7
+    got = events(r, key)
+    assert "".join(c.text for c in got[1:]) == "".join(f" {n}" for n in range(10)) + " late"
+    writer.close(key)
+    assert key not in writer.renewed
+    other = stream_key("lease2")  # a stream whose start did not go through the writer: its first chunk sets a lease
+    writer.open(other, other + ":cancel")
+    writer.add(other, "x", attempt=1)
+    writer.flush(other)
+    assert 0 < r.ttl(other) <= 8
+    writer.close(other)
