@@ -207,20 +207,22 @@ def split_table(rows: list[Row]) -> str:
 
 
 def redis_table(rows: list[Row]) -> str:
-    """What each end-to-end row cost Redis: its CPU, its commands a turn and the heaviest of them."""
+    """What each end-to-end row cost the host (its busy cores, the worker processes' among them) and Redis (its
+    CPU, its commands a turn and the heaviest of them)."""
     lines = ["| channels | host cores busy | workers' cores busy | Redis CPU (share of a core) | commands a turn | command us a turn "
              "| heaviest: calls a turn x us a call |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         redis = row.extra.get("redis")
-        if not redis:
+        if not redis and not row.extra.get("cpu"):
             continue
+        redis = redis or {"cpu_per_s": None, "commands_per_turn": "-", "command_usec_per_turn": "-", "commands": {}}
         top = ", ".join(f"{name} {v['per_turn']:g} x {v['usec_per_call']:g}" for name, v in list(redis["commands"].items())[:6])
         cpu = "-" if redis["cpu_per_s"] is None else f"{redis['cpu_per_s']:.2f}"
         host = row.extra.get("cpu") or {}
         busy = "-" if host.get("host_cores_busy") is None else f"{host['host_cores_busy']:.2f} of {host['host_cores']}"
         workers = "-" if host.get("worker_cores_busy") is None else f"{host['worker_cores_busy']:.2f}"
-        lines.append(f"| {row.channels} | {busy} | {workers} | {cpu} | {redis['commands_per_turn']:g} | {redis['command_usec_per_turn']:g} | {top} |")
+        lines.append(f"| {row.channels} | {busy} | {workers} | {cpu} | {redis['commands_per_turn']} | {redis['command_usec_per_turn']} | {top or '-'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -487,20 +489,29 @@ def cpu_load(before: dict | None, after: dict | None, wall: float) -> dict:
             "worker_cores_busy": workers}
 
 
-def redis_snapshot(r) -> dict:
-    """Redis' own CPU seconds (its main thread where the server tells it apart) and its command counts so far."""
-    cpu = r.info("cpu")
-    stats = r.info("commandstats")
+def redis_snapshot(r) -> dict | None:
+    """Redis' own CPU seconds (its main thread where the server tells it apart) and its command counts so far;
+    None where the server refuses INFO (a managed Redis may)."""
+    import redis
+
+    try:
+        cpu = r.info("cpu")
+        stats = r.info("commandstats")
+    except redis.ResponseError as exc:
+        logger.warning("this Redis refuses INFO (%s): the rows will not show its CPU and commands", exc)
+        return None
     main = cpu.get("used_cpu_sys_main_thread")
     seconds = (main + cpu["used_cpu_user_main_thread"]) if main is not None else cpu["used_cpu_sys"] + cpu["used_cpu_user"]
     return {"cpu_s": float(seconds),
             "commands": {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for name, v in stats.items()}}
 
 
-def redis_load(before: dict, after: dict, wall: float, turns: int) -> dict:
+def redis_load(before: dict | None, after: dict | None, wall: float, turns: int) -> dict:
     """What a row cost Redis: the share of a core its one command thread used over the row (near 1.0: every
     command waits its turn, and the round trips of the whole pipeline grow), commands a turn, and each command,
-    the one that took most of its time first (calls a turn, microseconds a call)."""
+    the one that took most of its time first (calls a turn, microseconds a call). {} without the snapshots."""
+    if before is None or after is None:
+        return {}
     spent = {}
     for name, (calls, usec) in after["commands"].items():
         c0, u0 = before["commands"].get(name, (0, 0))

@@ -67,9 +67,11 @@ class StreamWriter:
     each taking the interpreter lock that the model's loop needs too. Here one thread writes whatever
     every reply has pending in one pipeline, and reads all their cancel flags in the same round trip.
 
-    Order per stream is kept: a job emits its start event itself before its first chunk, and calls
-    `flush` (which returns once all its chunks are in Redis) before its error or done event. A failed
-    write is raised in the job on its next `add` or `flush`, so the job fails and RQ retries it.
+    Order per stream is kept: a job hands its start event to the writer (`start`, written before any of its
+    text), and before its error or done event it calls `flush` (which returns once all its chunks are in
+    Redis) or `take` (its unsent text, which the commit writes). A failed write is raised in the job on its
+    next `add`, `flush` or `take`, so the job fails and RQ retries it. A stream's lease (EXPIRE) is set with
+    its start event and renewed with its text only once a quarter of it has passed.
     """
 
     def __init__(self, connection: redis.Redis, maxlen: int, ttl: int, interval: float = CHUNK_INTERVAL,
@@ -210,9 +212,7 @@ class StreamWriter:
                             at += n
                             if failed is not None and key in self.watched:
                                 self.errors[key] = failed
-                    flags = results[at:]
-                    with self.cond:
-                        for (key, _), flag in zip(watched, flags):
+                        for (key, _), flag in zip(watched, results[at:]):
                             if flag and not isinstance(flag, Exception) and key in self.watched:
                                 self.cancelled.add(key)
             except Exception as exc:  # noqa: BLE001 - handed to the jobs whose chunks were not written

@@ -183,3 +183,26 @@ def test_the_stagger_is_checked():
     assert parse_args(["--stagger", "1.5"]).stagger == 1.5
     with pytest.raises(SystemExit):
         parse_args(["--stagger", "-1"])
+
+
+def test_a_redis_that_refuses_info_leaves_those_columns_empty(redis_proc, caplog):
+    """A managed Redis may refuse INFO: the bench says so once a row and goes on, its Redis columns empty."""
+    import redis
+
+    from bench.serve import Row, redis_load, redis_snapshot, redis_table
+
+    admin = redis_proc.client()
+    admin.execute_command("ACL", "SETUSER", "noinfo", "on", "nopass", "~*", "&*", "+@all", "-info")
+    try:
+        r = redis.Redis.from_url(redis_proc.url, username="noinfo", password="")
+        with caplog.at_level("WARNING", logger="bench.serve"):
+            assert redis_snapshot(r) is None
+        assert "refuses INFO" in caplog.text
+        assert redis_load(None, None, 1.0, 4) == {}
+        row = Row(mode="end-to-end", channels=4, turns=4, new_tokens=8, wall_s=1.0, tokens=32, tokens_per_s=32.0,
+                  per_stream_tokens_per_s_p50=None, ttft_p50_s=None, ttft_p95_s=None, queue_wait_p50_s=None,
+                  queue_wait_p95_s=None, overhead_p50_ms=None, overhead_p95_ms=None, errors=0,
+                  extra={"redis": {}, "cpu": {"host_cores_busy": 1.5, "host_cores": 2, "worker_cores_busy": 1.0}})
+        assert "| 4 | 1.50 of 2 | 1.00 | - | - | - | - |" in redis_table([row])
+    finally:
+        admin.execute_command("ACL", "DELUSER", "noinfo")
