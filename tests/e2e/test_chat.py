@@ -34,6 +34,8 @@ def test_a_chat_turn_streams_in_order_and_lands_in_the_session(env, start_worker
     data = json.loads(zlib.decompress(client.r.hget(f"rq:job:{sub.job_id}", "data")))  # RQ compresses job data
     assert data[0] == "worker.jobs.run_turn" and data[2][0]["text"] == "Hello! What is the capital of France?"
     assert client.store.turn_in_flight("console:alice") is None
+    # the reply stream expires (its lease set with its start and its done event, not renewed with each chunk)
+    assert 0 < client.r.ttl(stream_key(sub.job_id)) <= env.settings().stream_ttl
 
 
 def test_two_channels_at_once_keep_separate_histories(env, start_worker):
