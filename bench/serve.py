@@ -277,7 +277,9 @@ class StreamReader:
     hundred channels; one reader keeps up (the bots' `TurnClient.follow` reads through one too since session
     14, its `StreamHub`, but still with a thread per reply). Each turn's events land in its
     Turn; `wait(job_id)` blocks until its done or error event. A job that fails without a word (its
-    worker died for good) is found by a check every few seconds.
+    worker died for good) is found by a check every few seconds of the turns whose streams have been silent
+    that long (before session 19 every turn was looked up, one round trip each, while the reader read nothing:
+    at 256 channels a pause of ~256 round trips every 3 s, the done events of that moment waiting it out).
 
     A turn added while the reader is blocked in an XREAD that lacks its stream wakes it through a stream of
     the reader's own (`shared.client.WakeStream`, as the bots' hub), and an idle reader waits for the next turn rather than polling:
@@ -287,6 +289,7 @@ class StreamReader:
     """
 
     BLOCK_MS = 1000
+    CHECK_S = 3.0  # a turn whose stream has been silent this long is looked up (has its job failed for good?)
 
     def __init__(self, client, timeout: float) -> None:
         from shared.client import WakeStream
@@ -297,6 +300,7 @@ class StreamReader:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.turns: dict[str, tuple[Turn, str, threading.Event]] = {}  # job id -> (turn, last entry id, done)
+        self.heard: dict[str, float] = {}  # job id -> when its stream last had something new (or it was added)
         self.asleep = False  # blocked in an XREAD that lacks a stream added since
         self.wake = WakeStream(self.r, "shallow:bench-reader", 600)
         self.stopped = threading.Event()
@@ -307,6 +311,7 @@ class StreamReader:
         done = threading.Event()
         with self.lock:
             self.turns[job_id] = (turn, "0-0", done)
+            self.heard[job_id] = time.monotonic()
             wake, self.asleep = self.asleep, False
             self.changed.notify()
         if wake:
@@ -316,6 +321,7 @@ class StreamReader:
     def _finish(self, job_id: str) -> None:
         with self.lock:
             _, _, done = self.turns.pop(job_id)
+            self.heard.pop(job_id, None)
         done.set()
 
     def _run(self) -> None:
@@ -343,6 +349,7 @@ class StreamReader:
                         continue
                     turn, _, done = self.turns[job_id]
                     self.turns[job_id] = (turn, entries[-1][0].decode(), done)
+                    self.heard[job_id] = time.monotonic()
                 for entry_id, fields in entries:
                     event = decode_event(fields[EVENT_FIELD.encode()])
                     if isinstance(event, Start):
@@ -360,10 +367,10 @@ class StreamReader:
                         turn.error = event.message
                         self._finish(job_id)
                         break
-            if time.monotonic() - last_check > 3:
+            if time.monotonic() - last_check > self.CHECK_S:
                 last_check = time.monotonic()
-                with self.lock:
-                    waiting = list(self.turns.items())
+                with self.lock:  # a stream that moved within CHECK_S belongs to a live job: not looked up
+                    waiting = [(j, t) for j, t in self.turns.items() if last_check - self.heard[j] > self.CHECK_S]
                 for job_id, (turn, _, _) in waiting:
                     ended = self.client._ended_without_reply(job_id)  # noqa: SLF001 - the client's own check
                     if ended is not None or time.perf_counter() - turn.enqueued > self.timeout:

@@ -137,3 +137,56 @@ def test_follow_cost_bench_delivers_every_event(tmp_path):
     for n in (4, 16):
         line = re.search(rf"{n} followers: (\d+) of (\d+) events, delay p50 [\d.]+ ms, p95 [\d.]+ ms", proc.stdout)
         assert line and line.group(1) == line.group(2) == str(n * 4), proc.stdout
+
+
+def calls(r: redis.Redis, *names: str) -> int:
+    stats = r.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in names)
+
+
+def test_a_follower_looks_its_job_up_only_once_its_stream_is_silent(redis_proc):
+    """A reply being written is alive: its follower does not look its job up (RQ's job hash, the stream's length)
+    while events come. Once the stream has been silent for two polls, it does (a job that died without a word
+    ends its reply that way)."""
+    client, r = client_for(redis_proc), redis_proc.client()
+    add(r, "alive", Start(attempt=1, worker="w"))
+    got: list = []
+    follower = threading.Thread(target=lambda: got.extend(client.follow("alive", poll=0.2)))
+    before = calls(r, "hgetall", "xlen")
+    follower.start()
+    for n in range(15):  # 1.5 s of text, a chunk every 0.1 s: more than 3 check periods (2 polls: 0.4 s)
+        add(r, "alive", Chunk(text=f"{n} "))
+        time.sleep(0.1)
+    assert calls(r, "hgetall", "xlen") == before  # looked up not once
+    time.sleep(1.0)  # silent
+    assert calls(r, "hgetall", "xlen") > before
+    add(r, "alive", done("".join(f"{n} " for n in range(15))))
+    follower.join(5)
+    assert not follower.is_alive() and isinstance(got[-1], Done) and len([e for e in got if isinstance(e, Chunk)]) == 15
+
+
+def test_the_bench_reader_looks_up_only_the_turns_whose_streams_are_silent(redis_proc, tmp_path):
+    """`shallow bench`'s reader looked every turn's job up every 3 s, one round trip each, reading nothing
+    meanwhile. Now only a turn whose stream has been silent that long is looked up: one whose job is gone ends
+    as an error, the one being written does not pause for it."""
+    from bench.serve import StreamReader, Turn
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    r = redis_proc.client()
+    reader = StreamReader(client, timeout=60)
+    reader.CHECK_S = 0.5
+    try:
+        live, silent = Turn(channel=0, enqueued=time.perf_counter()), Turn(channel=1, enqueued=time.perf_counter())
+        add(r, "live", Start(attempt=1, worker="w"))
+        live_done = reader.add("live", live)
+        silent_done = reader.add("gone", silent)  # no stream and no job: lost
+        before = calls(r, "hgetall")
+        for n in range(20):  # 2 s of text
+            add(r, "live", Chunk(text=f"{n}"))
+            time.sleep(0.1)
+        assert silent_done.is_set() and silent.error and "lost" in silent.error
+        assert calls(r, "hgetall") - before == 1  # the silent turn's job, looked up once; the live one's never
+        add(r, "live", done("x"))
+        assert live_done.wait(5) and live.error is None
+    finally:
+        reader.stop()
