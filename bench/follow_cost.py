@@ -40,7 +40,7 @@ def write(url: str, keys: list[str], chunks: int, start: float) -> None:
         time.sleep(max(0.0, start + (i + 1) * INTERVAL - time.time()))
 
 
-def run(url: str, settings, followers: int, chunks: int, round_: int) -> tuple[list[float], float, int]:
+def run(url: str, settings, followers: int, chunks: int, round_: int, bots: bool = False) -> tuple[list[float], float, int]:
     from shared.client import TurnClient
     from shared.protocol import EVENT_FIELD, Chunk, Done, Start, encode_event, stream_key
 
@@ -65,6 +65,26 @@ def run(url: str, settings, followers: int, chunks: int, round_: int) -> tuple[l
         for job_id in ids:
             p.xadd(stream_key(job_id), {EVENT_FIELD: encode_event(Start(attempt=1, worker="follow-cost"))})
         p.execute()
+    if bots:  # as the chat bots follow: each reply in a coroutine of one asyncio loop (bots.streaming.follow_async)
+        import asyncio
+
+        from bots.streaming import follow_async
+
+        async def follow_one(job_id: str) -> None:
+            async for event in follow_async(client, job_id):
+                if isinstance(event, (Chunk, Done)):
+                    delays.append(time.time() - float(event.text))
+                if isinstance(event, Done):
+                    break
+
+        async def follow_all() -> None:
+            await asyncio.gather(*(follow_one(i) for i in ids))
+
+        cpu = time.process_time()
+        writer.start()
+        asyncio.run(follow_all())
+        writer.join()
+        return delays, time.process_time() - cpu, len(delays)
     threads = [threading.Thread(target=follow, args=(i,)) for i in ids]
     cpu = time.process_time()
     for t in threads:
@@ -87,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--followers", default="16,64,256")
     p.add_argument("--chunks", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--bots", action="store_true", help="follow as the chat bots do: coroutines of one asyncio loop")
     args = p.parse_args(argv)
     with own_redis("shallow-follow-") as url:
         settings = dataclasses.replace(Settings.from_env(), redis_url=url, queue="follow-cost")
         for n in (int(x) for x in args.followers.split(",")):
             delays, cpu, events = [], 0.0, 0
             for round_ in range(args.rounds):
-                d, c, e = run(url, settings, n, args.chunks, round_)
+                d, c, e = run(url, settings, n, args.chunks, round_, args.bots)
                 delays += d
                 cpu += c
                 events += e

@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -44,34 +43,13 @@ def split_text(text: str, limit: int) -> list[str]:
 
 
 async def follow_async(client: TurnClient, job_id: str, poll: float = 0.5) -> AsyncIterator[FollowEvent]:
-    """The reply's events, from a thread that runs the blocking follower (it ends with Done or Error)."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[FollowEvent | BaseException | None] = asyncio.Queue()
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for event in client.follow(job_id, poll=poll):
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-                if stop.is_set():
-                    break
-        except BaseException as exc:  # handed to the coroutine, which raises it
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    thread = threading.Thread(target=run, name=f"follow-{job_id[:8]}", daemon=True)
-    thread.start()
+    """The reply's events (it ends with Done or Error), read by the client's stream hub for this asyncio loop."""
+    events = client.follow_async(job_id, poll=poll)
     try:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        async for event in events:
+            yield event
     finally:
-        stop.set()
+        await events.aclose()
 
 
 class Surface(Protocol):

@@ -5,11 +5,12 @@ same way, hold one turn at a time per channel, and see the same events.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -138,9 +139,10 @@ class StreamHub:
         self.changed = threading.Condition(self.lock)
         self.thread: threading.Thread | None = None
 
-    def subscribe(self, key: str, last: str = "0-0") -> Subscription | None:
-        """Entries of `key` after `last` from now on; None when this hub already follows that stream."""
-        sub = Subscription(key.encode(), last)
+    def subscribe(self, key: str, last: str = "0-0", loop: asyncio.AbstractEventLoop | None = None) -> Subscription | None:
+        """Entries of `key` after `last` from now on; None when this hub already follows that stream. With `loop`,
+        they reach that asyncio loop (`AsyncSubscription`): no thread per follower."""
+        sub = Subscription(key.encode(), last) if loop is None else AsyncSubscription(key.encode(), last, loop)
         with self.lock:
             if sub.key in self.subs:
                 return None
@@ -179,12 +181,12 @@ class StreamHub:
                     logger.exception("the stream hub's read failed")
                 with self.lock:
                     self.asleep = False
-                    for sub in self.subs.values():
-                        sub.put(exc)
+                    deliver([(sub, exc) for sub in self.subs.values()])
                 time.sleep(0.5)
                 continue
             with self.lock:
                 self.asleep = False
+                got = []
                 for key, entries in resp or []:
                     if self.wake.consumed(key, entries):
                         continue
@@ -192,7 +194,24 @@ class StreamHub:
                     sub = self.subs.get(key)
                     if sub is not None and sub is asked.get(key) and entries:
                         sub.last = entries[-1][0]
-                        sub.put(entries)
+                        got.append((sub, entries))
+                deliver(got)
+
+
+def deliver(items: list) -> None:
+    """Hand each (subscription, entries or error) to its follower: a thread's directly, and those of an asyncio
+    loop in one callback a loop for the whole read (one wake-up of the loop, not one a stream)."""
+    loops: dict = {}
+    for sub, item in items:
+        if isinstance(sub, AsyncSubscription):
+            loops.setdefault(sub.loop, []).append((sub, item))
+        else:
+            sub.put(item)
+    for loop, batch in loops.items():
+        try:
+            loop.call_soon_threadsafe(AsyncSubscription.put_all, batch)
+        except RuntimeError:  # that loop is closed: nobody follows there any more
+            pass
 
 
 class Subscription:
@@ -216,12 +235,93 @@ class Subscription:
                 batches.append(self.items.get_nowait())
             except queue.Empty:
                 break
-        entries = []
-        for batch in batches:
-            if isinstance(batch, Exception):
-                raise batch
-            entries.extend(batch)
-        return entries
+        return _entries_of(batches)
+
+
+class AsyncSubscription(Subscription):
+    """A followed stream's entries for a coroutine of an asyncio loop: put there by the loop itself."""
+
+    def __init__(self, key: bytes, last: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.key, self.last, self.loop = key, last, loop
+        self.items: asyncio.Queue = asyncio.Queue()
+
+    @staticmethod
+    def put_all(batch: list) -> None:  # in the loop's thread
+        for sub, item in batch:
+            sub.items.put_nowait(item)
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+    async def get_async(self, timeout: float) -> list:
+        """As `Subscription.get`, awaited."""
+        try:
+            batches = [await asyncio.wait_for(self.items.get(), timeout)]
+        except asyncio.TimeoutError:
+            return []
+        while not self.items.empty():
+            batches.append(self.items.get_nowait())
+        return _entries_of(batches)
+
+
+def _entries_of(batches: list) -> list:
+    entries = []
+    for batch in batches:
+        if isinstance(batch, Exception):
+            raise batch
+        entries.extend(batch)
+    return entries
+
+
+class _Following:
+    """What following one reply keeps between reads, the same for `follow` and `follow_async`: its events from
+    the stream's entries, and the look-up of its job once the stream has been silent (`check`, blocking)."""
+
+    def __init__(self, client: TurnClient, job_id: str, timeout: float | None, poll: float) -> None:
+        self.client, self.job_id, self.poll = client, job_id, poll
+        self.key = stream_key(job_id)
+        self.last = "0-0"
+        self.started = False
+        self.ended = False
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.next_check = 0.0
+
+    def events(self, entries: list) -> list[FollowEvent]:
+        """The events of the entries read, up to the reply's end (then `ended`)."""
+        out: list[FollowEvent] = []
+        for entry_id, fields in entries:
+            self.last = entry_id
+            event = decode_event(fields[EVENT_FIELD.encode()])
+            if isinstance(event, Start):
+                self.started = True
+            out.append(event)
+            if isinstance(event, (Done, Error)):
+                self.ended = True
+                break
+        if entries:  # the stream moves: its job is alive, and is looked up after 2 polls of silence
+            self.next_check = time.monotonic() + 2 * self.poll
+        return out
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        return bool(self.deadline and now > self.deadline) or now >= self.next_check
+
+    def check(self) -> list[FollowEvent]:
+        """Blocking (Redis): the follower's timeout, a job that ended without a reply, or the queue's position."""
+        now = time.monotonic()
+        if self.deadline and now > self.deadline:
+            self.ended = True
+            return [Error(code="timeout", message="The reply is taking too long; it will not be shown here.")]
+        if now < self.next_check:
+            return []
+        self.next_check = now + 2 * self.poll
+        ended = self.client._ended_without_reply(self.job_id)
+        if ended:
+            self.ended = True
+            return [ended]
+        if not self.started:
+            return [Waiting(position=self.client.position(self.job_id), workers=self.client.workers_alive())]
+        return []
 
 
 class TurnClient:
@@ -400,41 +500,46 @@ class TurnClient:
         each followed job every 2 polls as well took the follower's CPU from ~100 to ~120 us an event,
         `python -m bench.follow_cost --chunks 50` on a 2-core box).
         """
-        key = stream_key(job_id)
-        last = "0-0"
-        started = False
-        deadline = time.monotonic() + timeout if timeout else None
-        next_check = 0.0
-        sub = self.hub.subscribe(key)  # None if this client follows the reply already: then a read of its own
+        f = _Following(self, job_id, timeout, poll)
+        sub = self.hub.subscribe(f.key)  # None if this client follows the reply already: then a read of its own
         try:
             while True:
                 if sub is not None:
                     entries = sub.get(timeout=poll)
                 else:
-                    resp = self.r.xread({key: last}, block=int(poll * 1000), count=200)
+                    resp = self.r.xread({f.key: f.last}, block=int(poll * 1000), count=200)
                     entries = [entry for _, batch in resp or [] for entry in batch]
-                for entry_id, fields in entries:
-                    last = entry_id
-                    event = decode_event(fields[EVENT_FIELD.encode()])
-                    if isinstance(event, Start):
-                        started = True
-                    yield event
-                    if isinstance(event, (Done, Error)):
-                        return
-                now = time.monotonic()
-                if entries:  # the stream moves: its job is alive, and is looked up after 2 polls of silence
-                    next_check = now + 2 * poll
-                if deadline and now > deadline:
-                    yield Error(code="timeout", message="The reply is taking too long; it will not be shown here.")
+                yield from f.events(entries)
+                if not f.ended and f.due():
+                    yield from f.check()
+                if f.ended:
                     return
-                if now >= next_check:
-                    next_check = now + 2 * poll
-                    ended = self._ended_without_reply(job_id)
-                    if ended:
-                        yield ended
-                        return
-                    if not started:
-                        yield Waiting(position=self.position(job_id), workers=self.workers_alive())
+        finally:
+            self.hub.unsubscribe(sub)
+
+    async def follow_async(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0) -> AsyncIterator[FollowEvent]:
+        """`follow` for a coroutine (the chat bots): the hub hands the stream's entries to this asyncio loop,
+        one wake-up of the loop for all the streams of a read, with no thread per reply (a thread each, the
+        way the bots followed before session 19, took ~140 us of CPU an event at 256 replies on a 2-core box,
+        `python -m bench.follow_cost --bots`). Its rare blocking parts, the hub's wake-up and the job's
+        look-up, run in a worker thread."""
+        loop = asyncio.get_running_loop()
+        f = _Following(self, job_id, timeout, poll)
+        sub = await asyncio.to_thread(self.hub.subscribe, f.key, "0-0", loop)
+        try:
+            while True:
+                if isinstance(sub, AsyncSubscription):
+                    entries = await sub.get_async(poll)
+                else:  # this client follows the reply already: a read of its own
+                    resp = await asyncio.to_thread(self.r.xread, {f.key: f.last}, block=int(poll * 1000), count=200)
+                    entries = [entry for _, batch in resp or [] for entry in batch]
+                for event in f.events(entries):
+                    yield event
+                if not f.ended and f.due():
+                    for event in await asyncio.to_thread(f.check):
+                        yield event
+                if f.ended:
+                    return
         finally:
             self.hub.unsubscribe(sub)
 

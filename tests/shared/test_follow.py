@@ -139,6 +139,106 @@ def test_follow_cost_bench_delivers_every_event(tmp_path):
         assert line and line.group(1) == line.group(2) == str(n * 4), proc.stdout
 
 
+def test_follow_cost_bench_follows_as_the_bots_do(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.follow_cost", "--followers", "16", "--chunks", "3", "--rounds", "1",
+                           "--bots"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, SHALLOW_HOME=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = re.search(r"16 followers: (\d+) of (\d+) events", proc.stdout)
+    assert line and line.group(1) == line.group(2) == "64", proc.stdout
+
+
+def test_many_coroutines_follow_their_replies_in_one_loop_without_a_thread_each(redis_proc):
+    """`follow_async` (the chat bots): each follower gets its own events in order, delivered by the hub to the
+    asyncio loop; no thread is started per reply (the hub's own, and a few of asyncio's for the wake-ups)."""
+    import asyncio
+
+    client, r = client_for(redis_proc), redis_proc.client()
+    ids = [f"async-{i}" for i in range(60)]
+    for job_id in ids:
+        add(r, job_id, Start(attempt=1, worker="w"))
+    threads_before = threading.active_count()
+    most_threads = 0
+
+    def write() -> None:
+        for n in range(6):
+            with r.pipeline(transaction=False) as p:
+                for job_id in ids:
+                    p.xadd(stream_key(job_id), {EVENT_FIELD: encode_event(Chunk(text=f"{job_id}:{n}") if n < 5 else done(job_id))})
+                p.execute()
+            time.sleep(0.03)
+
+    async def main() -> dict:
+        nonlocal most_threads
+        got: dict[str, list] = {}
+
+        async def follow(job_id: str) -> None:
+            got[job_id] = [e async for e in client.follow_async(job_id, poll=0.5)]
+
+        tasks = [asyncio.create_task(follow(job_id)) for job_id in ids]
+        await asyncio.sleep(0.5)  # every follower subscribed
+        most_threads = threading.active_count()
+        await asyncio.to_thread(write)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return got
+
+    got = asyncio.run(main())
+    for job_id in ids:
+        assert [type(e).__name__ for e in got[job_id]] == ["Start"] + ["Chunk"] * 5 + ["Done"]
+        assert [e.text for e in got[job_id][1:]] == [f"{job_id}:{n}" for n in range(5)] + [job_id]
+    assert most_threads - threads_before < 15, (threads_before, most_threads)  # not 60
+    assert not client.hub.subs
+
+
+def test_a_coroutine_follower_gets_the_error_of_a_lost_reply_and_of_redis_going_away(redis_proc):
+    """The look-up of a silent reply's job runs for coroutines too (a reply with neither stream nor job is lost),
+    the same reply followed twice reaches both, and a Redis that goes away is raised in each follower."""
+    import asyncio
+
+    from shared.protocol import Error
+
+    client, r = client_for(redis_proc), redis_proc.client()
+
+    async def lost() -> list:
+        return [e async for e in client.follow_async("nowhere", poll=0.2)]
+
+    events = asyncio.run(lost())
+    assert isinstance(events[-1], Error) and events[-1].code == "lost", events
+
+    add(r, "twice", Start(attempt=1, worker="w"))
+
+    async def twice() -> list:
+        async def one() -> list:
+            return [type(e).__name__ async for e in client.follow_async("twice", poll=0.3)]
+
+        both = asyncio.gather(one(), one())
+        await asyncio.sleep(0.4)
+        await asyncio.to_thread(add, r, "twice", Chunk(text="a"))
+        await asyncio.to_thread(add, r, "twice", done("a"))
+        return await asyncio.wait_for(both, 10)
+
+    assert asyncio.run(twice()) == [["Start", "Chunk", "Done"]] * 2
+
+    add(r, "gone", Start(attempt=1, worker="w"))
+
+    async def gone() -> BaseException | None:
+        async def one():
+            async for _ in client.follow_async("gone", poll=0.5):
+                pass
+
+        task = asyncio.create_task(one())
+        await asyncio.sleep(0.4)
+        await asyncio.to_thread(redis_proc.stop)
+        try:
+            await asyncio.wait_for(task, 15)
+        except redis.RedisError as exc:
+            return exc
+        return None
+
+    failure = asyncio.run(gone())
+    assert isinstance(failure, redis.ConnectionError), failure
+
+
 def calls(r: redis.Redis, *names: str) -> int:
     stats = r.info("commandstats")
     return sum(int(stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in names)
