@@ -71,7 +71,8 @@ class StreamWriter:
     text), and before its error or done event it calls `flush` (which returns once all its chunks are in
     Redis) or `take` (its unsent text, which the commit writes). A failed write is raised in the job on its
     next `add`, `flush` or `take`, so the job fails and RQ retries it. A stream's lease (EXPIRE) is set with
-    its start event and renewed with its text only once a quarter of it has passed.
+    its start event and renewed with its text only once a quarter of it has passed. The thread ends when no
+    stream is open and nothing is left to write (a process between jobs polls nothing), and `open` starts it again.
     """
 
     def __init__(self, connection: redis.Redis, maxlen: int, ttl: int, interval: float = CHUNK_INTERVAL,
@@ -169,6 +170,9 @@ class StreamWriter:
             with self.cond:
                 if not self.urgent:
                     self.cond.wait(self.interval)
+                if not self.watched and not self.pending and not self.starts:
+                    self.thread = None  # nothing to write or watch: the next `open` starts the thread again
+                    return
                 self.urgent = False
                 batch, self.pending = self.pending, {}
                 starts, self.starts = self.starts, {}
@@ -218,7 +222,8 @@ class StreamWriter:
             except Exception as exc:  # noqa: BLE001 - handed to the jobs whose chunks were not written
                 if time.monotonic() - last_warning > 1:
                     last_warning = time.monotonic()
-                    logger.warning("writing %d reply streams to Redis failed: %s", len(batch), exc)
+                    logger.warning("writing %d reply streams and reading %d cancel flags in Redis failed: %s",
+                                   len(batch) + len(starts), len(watched), exc)
                 with self.cond:
                     for key in [*batch, *starts]:
                         if key in self.watched:

@@ -38,18 +38,28 @@ ENV_KEY = "SHALLOW_ENGINE_KEY"  # and the key it accepts (hex)
 ERRORS = {"ValueError": ValueError, "EngineStopped": EngineStopped}  # raised again as themselves in the front
 
 
-def _hang_up(conn) -> None:
-    """Close a connection so that a thread blocked reading it wakes (EOF), here and at the other end.
+def _shut_down(conn) -> None:
+    """Wake every thread blocked on a connection (EOF or a broken pipe), here and at the other end, and keep its
+    descriptor: the caller holds the lock under which the descriptor is given back (`_release`).
 
-    (Closing the descriptor alone leaves a blocked read blocked, and the peer sees nothing.)"""
+    Closing the descriptor alone leaves a blocked read blocked, and the peer sees nothing. And a descriptor given
+    back while another thread may still write to it goes to the next socket this process opens, which then gets
+    that write: a front connecting meanwhile read a reply's tokens as its key's challenge ("bad message length").
+    So a connection is shut down first, and its descriptor closed only by its reading thread, once nothing else
+    can write to it."""
     try:
         dup = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            dup.shutdown(socket.SHUT_RDWR)
-        finally:
-            dup.close()
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+    finally:
+        dup.close()
+
+
+def _release(conn) -> None:
     try:
         conn.close()
     except OSError:
@@ -139,11 +149,19 @@ class _Link:
         self.outbox: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.closed = False
+        self.released = False  # the descriptor given back: only by the reading thread, after the sender stopped
+        self.sender = threading.Thread(target=self._send, name="engine-link-send", daemon=True)
 
     def start(self) -> None:
-        self.conn.send(("hello", self.server.hello))
+        try:
+            self.conn.send(("hello", self.server.hello))
+        except (OSError, ValueError):
+            logger.warning("a front hung up before its greeting")
+            self.closed = self.released = True
+            _release(self.conn)
+            return
+        self.sender.start()
         threading.Thread(target=self._read, name="engine-link-read", daemon=True).start()
-        threading.Thread(target=self._send, name="engine-link-send", daemon=True).start()
 
     def post(self, rid: int, request: Request, item) -> None:
         with self.cond:
@@ -156,7 +174,8 @@ class _Link:
                 return
             self.closed = True
             self.cond.notify()
-        _hang_up(self.conn)
+            if not self.released:
+                _shut_down(self.conn)  # the reading thread wakes, and gives the descriptor back
 
     def _read(self) -> None:
         try:
@@ -184,6 +203,10 @@ class _Link:
             self.engine.cancel(request)
         self.requests.clear()
         self.close()
+        self.sender.join()  # shut down, its send (if any) fails at once; then nobody writes to the descriptor
+        with self.cond:
+            self.released = True
+            _release(self.conn)
 
     def _send(self) -> None:
         while True:
@@ -218,15 +241,19 @@ class RemoteEngine:
     """The slot engine's interface (submit, cancel, stop) over a connection to the process that holds it."""
 
     def __init__(self, address: str, authkey: bytes, on_lost=None) -> None:
+        conn = None
         try:
-            self.conn = Client(address, family="AF_UNIX", authkey=authkey)
-            _, self.info = self.conn.recv()
+            conn = Client(address, family="AF_UNIX", authkey=authkey)
+            _, self.info = conn.recv()
         except (OSError, EOFError, AuthenticationError) as exc:
+            if conn is not None:
+                _release(conn)
             raise ConfigError(f"cannot reach the model process at {address}: {exc or type(exc).__name__}") from None
+        self.conn = conn
         self.requests: dict[int, Request] = {}
         self.ids = itertools.count()
         self.lock = threading.Lock()
-        self.lost = False
+        self.lost = False  # set, and the descriptor given back, by the reading thread, under the lock that sends
         self.stopping = False
         self.on_lost = on_lost
         self.thread = threading.Thread(target=self._read, name="engine-client", daemon=True)
@@ -257,7 +284,9 @@ class RemoteEngine:
 
     def stop(self, timeout: float = 10) -> None:
         self.stopping = True
-        _hang_up(self.conn)
+        with self.lock:
+            if not self.lost:
+                _shut_down(self.conn)  # the reading thread wakes, and gives the descriptor back
 
     def _read(self) -> None:
         try:
@@ -281,6 +310,7 @@ class RemoteEngine:
             self.lost = True
             pending = list(self.requests.values())
             self.requests.clear()
+            _release(self.conn)
         for request in pending:
             request.out.put(EngineStopped("the model process is gone"))
         if not self.stopping:

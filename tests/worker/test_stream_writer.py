@@ -161,6 +161,7 @@ def test_a_reply_takes_back_its_unsent_text_to_write_it_with_its_done_event(redi
     assert store.commit_reply(**dict(args, job_id="take2", done_event=encode_event(replace(done, text="x"))))
     assert [type(e).__name__ for e in events(r, stream_key("take2"))] == ["Done"]  # no last chunk: only the done event
     writer.close(key)
+    writer.close(other)
 
 
 def test_a_replys_start_event_goes_out_through_the_writer_at_once_and_before_its_text(redis_proc):
@@ -180,6 +181,7 @@ def test_a_replys_start_event_goes_out_through_the_writer_at_once_and_before_its
     writer.flush(key)
     got = events(r, key)
     assert [type(e).__name__ for e in got] == ["Start", "Chunk"] and got[1].text == "Hello there"
+    writer.close(key)
     for n in range(20):  # a reply that ends before the writer's thread has written its start
         key = stream_key(f"short{n}")
         writer.open(key, key + ":cancel")
@@ -230,3 +232,35 @@ def test_a_replys_text_renews_its_lease_only_once_a_quarter_of_it_has_passed(red
     writer.flush(other)
     assert 0 < r.ttl(other) <= 8
     writer.close(other)
+
+
+def test_the_writers_thread_ends_when_no_stream_is_open_and_starts_again_with_the_next(redis_proc):
+    """Between jobs the writer has nothing to do: its thread ends once every stream is closed and all is written;
+    the next stream starts it again, and it writes and reads cancel flags as before."""
+    r = redis_proc.client()
+    writer = StreamWriter(r, maxlen=1000, ttl=60, interval=0.02, cancel_interval=0.02)
+    key = stream_key("idle1")
+    writer.open(key, key + ":cancel")
+    first = writer.thread
+    writer.add(key, "one", attempt=1)
+    writer.flush(key)
+    time.sleep(0.2)
+    assert first.is_alive()  # a stream open: the thread stays, reading its cancel flag
+    writer.close(key)
+    first.join(5)
+    assert not first.is_alive() and writer.thread is None
+    key = stream_key("idle2")
+    writer.open(key, cancel_key("idle2"))
+    assert writer.thread is not None and writer.thread is not first
+    writer.add(key, "two", attempt=1)
+    writer.flush(key)
+    assert [e.text for e in events(r, key)] == ["two"]
+    r.set(cancel_key("idle2"), 1)
+    deadline = time.monotonic() + 5
+    while not writer.is_cancelled(key) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writer.is_cancelled(key)
+    writer.close(key)
+    second = writer.thread
+    second.join(5)
+    assert not second.is_alive()
