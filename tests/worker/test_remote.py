@@ -142,3 +142,49 @@ def test_a_peer_that_never_answers_does_not_keep_fronts_out(served):
         silent.close()  # (and lets a blocked exchange end)
         for front in fronts:
             front.close()
+
+
+def test_a_stopped_fronts_reader_never_reads_the_next_connections_socket(served, monkeypatch):
+    """A front's reading thread takes its descriptor's number and then reads; the interpreter may switch threads
+    in between. If the front's `stop` gave the descriptor back at once, the next connection this process opened
+    got that number, and the old reader read from it: CI saw a new front fail its key's exchange ("bad message
+    length"). Here the reader is held between the two (the standard library's read waits, nothing of the project's
+    is changed) while the front stops and the next front connects; then it reads, and the next front streams."""
+    import time
+    from multiprocessing import connection as mpc
+
+    from worker.remote import RemoteBackend, RemoteEngine
+
+    _, _, address, key, greedy = served
+    armed, held, release = threading.Event(), threading.Event(), threading.Event()
+    original = mpc.Connection._recv
+
+    def held_read(handle, n):
+        if armed.is_set() and threading.current_thread().name == "engine-client":
+            armed.clear()
+            held.set()
+            release.wait(30)
+        return os.read(handle, n)
+
+    monkeypatch.setattr(mpc.Connection, "_recv", lambda self, size, read=None: original(self, size, read=held_read))
+    armed.set()
+    old = RemoteEngine(address, key)
+    fronts: list = []
+    try:
+        assert held.wait(10)  # its reader has its descriptor's number, and waits
+        old.stop()
+        fronts.append(RemoteBackend.connect(address, key))  # raised ConfigError (bad message length) at times
+        release.set()
+        time.sleep(0.2)  # the old reader reads now: its own end (end of file), or, before, the new front's socket
+        got: list = []
+        streaming = threading.Thread(target=lambda: got.append("".join(
+            fronts[0].stream(PROMPTS[1], greedy, max_new_tokens=5, ignore_eos=True))), daemon=True)
+        streaming.start()
+        streaming.join(60)  # a reply whose words the old reader took never ended
+        assert got and got[0], "the next front's reply did not come whole"
+        old.thread.join(10)
+        assert old.lost and not old.thread.is_alive()
+    finally:
+        release.set()
+        for front in fronts:
+            front.close()
