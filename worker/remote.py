@@ -43,10 +43,10 @@ def _shut_down(conn) -> None:
     descriptor: the caller holds the lock under which the descriptor is given back (`_release`).
 
     Closing the descriptor alone leaves a blocked read blocked, and the peer sees nothing. And a descriptor given
-    back while another thread may still write to it goes to the next socket this process opens, which then gets
-    that write: a front connecting meanwhile read a reply's tokens as its key's challenge ("bad message length").
-    So a connection is shut down first, and its descriptor closed only by its reading thread, once nothing else
-    can write to it."""
+    back while another thread may still use it (a reader that has taken its number and not yet read, a sender
+    mid-write) goes to the next socket this process opens, which that thread then reads or writes: CI saw a front
+    that connected meanwhile fail its key's exchange ("bad message length"). So a connection is shut down first,
+    and its descriptor closed only by its reading thread, once nothing else can use it."""
     try:
         dup = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError:
@@ -306,7 +306,9 @@ class RemoteEngine:
                         request.out.put(ERRORS.get(item[1], RuntimeError)(item[2]))
         except (EOFError, OSError, TypeError):
             pass
-        with self.lock:
+        except Exception:  # noqa: BLE001 - what the model process sent cannot be read: as if it were gone
+            logger.exception("the model process sent what this front cannot read")
+        with self.lock:  # always reached: the replies in flight fail, and the descriptor is given back
             self.lost = True
             pending = list(self.requests.values())
             self.requests.clear()

@@ -149,7 +149,8 @@ def test_a_stopped_fronts_reader_never_reads_the_next_connections_socket(served,
     in between. If the front's `stop` gave the descriptor back at once, the next connection this process opened
     got that number, and the old reader read from it: CI saw a new front fail its key's exchange ("bad message
     length"). Here the reader is held between the two (the standard library's read waits, nothing of the project's
-    is changed) while the front stops and the next front connects; then it reads, and the next front streams."""
+    is changed) while the front stops: the number must still name the old socket; the next front connects, the old
+    reader reads (its own end), and the next front's reply comes whole."""
     import time
     from multiprocessing import connection as mpc
 
@@ -172,7 +173,14 @@ def test_a_stopped_fronts_reader_never_reads_the_next_connections_socket(served,
     fronts: list = []
     try:
         assert held.wait(10)  # its reader has its descriptor's number, and waits
+        number = old.conn.fileno()
+        socket_id = os.fstat(number).st_ino
         old.stop()
+        try:  # the number still names the old socket while its reader may read it: nothing else can get it
+            still = os.fstat(number).st_ino == socket_id
+        except OSError:
+            still = False
+        assert still, "the stopped front gave its descriptor back while its reader still held the number"
         fronts.append(RemoteBackend.connect(address, key))  # raised ConfigError (bad message length) at times
         release.set()
         time.sleep(0.2)  # the old reader reads now: its own end (end of file), or, before, the new front's socket
@@ -188,3 +196,44 @@ def test_a_stopped_fronts_reader_never_reads_the_next_connections_socket(served,
         release.set()
         for front in fronts:
             front.close()
+
+
+def test_a_front_whose_model_process_sends_what_it_cannot_read_stops_as_if_it_were_gone(tmp_path):
+    """Bytes that are not the protocol's (a foreign or broken process at the address): the front's reader fails its
+    replies, tells the front to stop and gives its descriptor back, as when the model process goes."""
+    from multiprocessing.connection import Listener
+
+    from worker.engine import EngineStopped, Request
+    from worker.remote import RemoteEngine
+
+    address, key = str(tmp_path / "engine.sock"), os.urandom(16)
+    listener = Listener(address, family="AF_UNIX", authkey=key)
+    accepted: list = []
+
+    def serve() -> None:
+        conn = listener.accept()
+        accepted.append(conn)
+        conn.send(("hello", {"context_tokens": 256, "description": "x", "eos": [0], "tokenizer": "x"}))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    lost = threading.Event()
+    engine = RemoteEngine(address, key, on_lost=lost.set)
+    try:
+        server.join(10)
+        request = Request(ids=[1, 2, 3], max_new_tokens=4, eos=frozenset({0}), temperature=0.0, top_p=1.0,
+                          repetition_penalty=1.0)
+        engine.submit(request)
+        accepted[0].send_bytes(b"not a pickle at all")
+        assert lost.wait(10), "the front was not told to stop"
+        assert isinstance(request.out.get(timeout=10), EngineStopped)
+        engine.thread.join(10)
+        assert engine.lost and not engine.thread.is_alive()
+        with pytest.raises(EngineStopped):
+            engine.submit(Request(ids=[1], max_new_tokens=1, eos=frozenset({0}), temperature=0.0, top_p=1.0,
+                                     repetition_penalty=1.0))
+    finally:
+        engine.stop()
+        for conn in accepted:
+            conn.close()
+        listener.close()
