@@ -198,6 +198,72 @@ def test_a_stopped_fronts_reader_never_reads_the_next_connections_socket(served,
             front.close()
 
 
+def test_a_links_descriptor_is_given_back_only_after_its_sender_has_stopped(served, monkeypatch):
+    """The model process's side of session 20's fix: when a front goes, the link's reading thread sees the end and
+    gives the descriptor back, but its sending thread may hold the descriptor's number between taking it and
+    writing. Here the sender is held there (the standard library's write waits, nothing of the project's is
+    changed) while the front goes: the number must still name the link's socket until the sender has let go, the
+    descriptor must then be given back, and the next front must be served whole."""
+    import time
+    from multiprocessing import connection as mpc
+
+    from tests.conftest import wait_for
+    from worker.engine import EngineStopped
+    from worker.remote import RemoteBackend
+
+    _, server, address, key, greedy = served
+    armed, held, release = threading.Event(), threading.Event(), threading.Event()
+    original = mpc.Connection._send
+
+    def held_write(handle, data):
+        if armed.is_set() and threading.current_thread().name == "engine-link-send":
+            armed.clear()
+            held.set()
+            release.wait(30)
+        return os.write(handle, data)
+
+    monkeypatch.setattr(mpc.Connection, "_send", lambda self, buf, write=None: original(self, buf, write=held_write))
+    front = RemoteBackend.connect(address, key)
+    fronts: list = []
+    outcome: list = []
+
+    def stream() -> None:
+        try:
+            outcome.append("".join(front.stream(PROMPTS[0], greedy, max_new_tokens=60, ignore_eos=True)))
+        except EngineStopped as exc:
+            outcome.append(exc)
+
+    try:
+        with server.links_lock:
+            link = server.links[-1]
+        armed.set()
+        streaming = threading.Thread(target=stream, daemon=True)
+        streaming.start()
+        assert held.wait(60)  # the link's sender has its descriptor's number, and waits
+        number = link.conn.fileno()
+        socket_id = os.fstat(number).st_ino
+        front.close()  # the front goes: the link's reader sees the end of its connection
+        wait_for(lambda: link.closed, 10, "the link to see its front go")
+        time.sleep(0.3)  # the reader is past its close, waiting for the sender (before: it had closed the descriptor)
+        try:
+            still = os.fstat(number).st_ino == socket_id
+        except OSError:
+            still = False
+        assert still, "the link gave its descriptor back while its sender still held the number"
+        assert not link.released
+        release.set()
+        wait_for(lambda: link.released, 10, "the link to give its descriptor back once its sender stopped")
+        streaming.join(30)
+        assert outcome and isinstance(outcome[0], EngineStopped)  # the front's own reply failed, said so
+        fronts.append(RemoteBackend.connect(address, key))
+        assert "".join(fronts[0].stream(PROMPTS[1], greedy, max_new_tokens=5, ignore_eos=True))
+    finally:
+        release.set()
+        front.close()
+        for other in fronts:
+            other.close()
+
+
 def test_a_front_whose_model_process_sends_what_it_cannot_read_stops_as_if_it_were_gone(tmp_path):
     """Bytes that are not the protocol's (a foreign or broken process at the address): the front's reader fails its
     replies, tells the front to stop and gives its descriptor back, as when the model process goes."""
