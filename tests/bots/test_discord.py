@@ -192,8 +192,11 @@ def test_rate_limited_edits_lose_nothing(stack):
     assert len(patches) >= 3  # the two 429s were retried by discord.py's rate limiter
 
 
-def test_a_reply_interrupted_by_a_bot_restart_is_delivered_after_it(stack):
-    channel = 704
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_reply_interrupted_by_a_bot_restart_is_delivered_after_it(stack, sig):
+    """Killed, or stopped as `docker compose restart` stops it (SIGTERM: the bot's shutdown must not drop the record
+    of what it owes), the bot delivers the reply it was writing once it is back."""
+    channel = 704 if sig == signal.SIGKILL else 766
     n = stack.bot_count(channel)
     stack.fake.post(channel, "Describe a thunderstorm at sea.", mention=True)
     wait_for(lambda: stack.bot_count(channel) > n, 30, "the placeholder")
@@ -202,7 +205,7 @@ def test_a_reply_interrupted_by_a_bot_restart_is_delivered_after_it(stack):
     # that says the reply was lost, which is not what this test is about)
     wait_for(lambda: [json.loads(v)["where"].get("session_id") for v in stack.client.r.hvals("shallow:pending:discord")] not in ([], [None]),
              30, "the reply recorded as owed and its job enqueued")
-    stack.procs.kill(stack.bot, signal.SIGKILL)
+    stack.procs.kill(stack.bot, sig)
     stack.start_bot()
     wait_for(lambda: stack.settled(channel), 180, "the owed reply")
     history = stack.client.store.history(f"discord:{channel}", Mode.CHAT)

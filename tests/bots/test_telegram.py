@@ -189,8 +189,11 @@ def test_cancel_mid_reply(stack):
     assert reply == history[-1]["content"] + "\n\n(stopped)"
 
 
-def test_a_reply_interrupted_by_a_bot_restart_is_delivered_after_it(stack):
-    chat = 1006
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_reply_interrupted_by_a_bot_restart_is_delivered_after_it(stack, sig):
+    """Killed, or stopped as `docker compose restart` stops it (SIGTERM: the bot's shutdown must not drop the record
+    of what it owes), the bot delivers the reply it was writing once it is back."""
+    chat = 1006 if sig == signal.SIGKILL else 1066
     stack.fake.send(TOKEN, chat, "Describe a sunrise over the mountains.")
     wait_for(lambda: stack.fake.bot_messages(chat), 30, "the placeholder")
     placeholder = stack.fake.bot_messages(chat)[0]["message_id"]
@@ -198,7 +201,7 @@ def test_a_reply_interrupted_by_a_bot_restart_is_delivered_after_it(stack):
     # that says the reply was lost, which is not what this test is about)
     wait_for(lambda: [json.loads(v)["where"].get("session_id") for v in stack.client.r.hvals("shallow:pending:telegram")] not in ([], [None]),
              30, "the reply recorded as owed and its job enqueued")
-    stack.procs.kill(stack.bot, signal.SIGKILL)  # mid-reply: the worker goes on writing
+    stack.procs.kill(stack.bot, sig)  # mid-reply: the worker goes on writing
     stack.start_bot()
     stack.wait_settled(chat)
     history = stack.client.store.history(f"telegram:{chat}", Mode.CHAT)
