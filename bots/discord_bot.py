@@ -318,7 +318,7 @@ class ShallowDiscord(discord.Client):
             note = "I can only read text: attachments are not read." if message.attachments else None
             await message.reply(note or "You mentioned me without a message: what would you like to say?", mention_author=False)
             return
-        wait = self.cooling(message.author.id)
+        wait = await asyncio.to_thread(self.cooling, message.author.id)  # a round trip: off the loop every channel shares
         if wait:
             await message.reply(f"One moment: you can send your next message in {wait:.0f}s.", mention_author=False)
             return

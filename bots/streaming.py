@@ -188,20 +188,26 @@ class Deliveries:
         The reply is recorded as owed before the job is enqueued, so a bot killed at any point after
         this starts delivers it (or says it was lost) when it comes back.
         """
-        job_id = new_id()
-        self.pending.add(job_id, where)
         try:
-            sub = await asyncio.to_thread(submit, job_id)
+            sub, where = await asyncio.to_thread(self._enqueue_owed, submit, new_id(), where)
         except (BadInput, ChannelBusy) as exc:
-            self.pending.done(job_id)
             await refuse(str(exc))
             return
+        self._spawn(sub.job_id, where)
+
+    def _enqueue_owed(self, submit: Callable[[str], Submitted], job_id: str, where: dict[str, Any]) -> tuple[Submitted, dict[str, Any]]:
+        """In a worker thread: the reply recorded as owed, the turn enqueued, and the record given the reply's
+        session. Three round trips to Redis, kept off the bot's loop (before session 21 the two records were
+        written from the loop, which then stood still for every other channel's events meanwhile)."""
+        self.pending.add(job_id, where)
+        try:
+            sub = submit(job_id)
         except BaseException:
             self.pending.done(job_id)
             raise
         where = dict(where, session_id=sub.session.id, turn=sub.session.turns + 1)
         self.pending.add(sub.job_id, where)
-        self._spawn(sub.job_id, where)
+        return sub, where
 
     def resume(self) -> int:
         """Deliver what was owed when the bot last stopped. Returns how many."""
@@ -220,5 +226,5 @@ class Deliveries:
             await stream_reply(self.client, job_id, self.surface_for(where))
         except Exception:
             logger.exception("delivering job %s to %s failed", job_id, where)
-        finally:
-            self.pending.done(job_id)
+        # not on cancellation (the bot stopping): the reply stays owed, and is delivered when the bot is back
+        await asyncio.to_thread(self.pending.done, job_id)

@@ -343,11 +343,11 @@ class TelegramBot:
             return
         msg = update.effective_message
         channel = self.channel(msg.chat_id)
-        wait = self._cooling(update)
+        wait = await asyncio.to_thread(self._cooling, update)  # round trips: off the loop every chat shares
         if wait:
             await msg.reply_text(f"One moment: you can send your next message in {wait:.0f}s.")
             return
-        if self.r.delete(f"shallow:tg:title:{msg.chat_id}"):
+        if await asyncio.to_thread(self.r.delete, f"shallow:tg:title:{msg.chat_id}"):
             try:
                 self.client.clean_title(text)
             except BadInput as exc:

@@ -97,6 +97,55 @@ def test_a_reply_is_recorded_as_owed_before_its_job_is_enqueued(redis_proc, tmp_
     assert refused and "empty" in refused[0]  # the refused turn is told and not left owed
 
 
+def test_a_turns_records_are_written_off_the_bots_loop(redis_proc, tmp_path):
+    """A bot serves every channel from one asyncio loop: a Redis round trip made from it stops every other
+    channel's events while it waits. Here Redis holds every write for 0.6 s (CLIENT PAUSE) while a turn is
+    submitted, and the loop must go on running meanwhile: the owed record, the enqueue and the record's update
+    are written from a worker thread. (Written from the loop, as before session 21, the loop stood still 0.6 s.)"""
+    import time
+    from dataclasses import replace
+
+    from bots.streaming import Deliveries
+    from shared.client import TurnClient
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    deliveries = Deliveries(client, "test", surface_for=lambda where: None)
+    spawned: list[str] = []
+    refused: list[str] = []
+
+    async def refuse(text: str) -> None:
+        refused.append(text)
+
+    async def run() -> float:
+        deliveries._spawn = lambda job_id, where: spawned.append(job_id)  # no follower here
+        gaps: list[float] = []
+        submitted = asyncio.Event()
+
+        async def tick() -> None:
+            last = time.monotonic()
+            while not submitted.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.05)
+        client.r.execute_command("CLIENT", "PAUSE", 600, "WRITE")
+        paused = time.monotonic()
+        await deliveries.submit(lambda job_id: client.say("test:paused", "hello", job_id=job_id), {"chat": 9}, refuse)
+        assert time.monotonic() - paused >= 0.5  # the pause held the writes
+        submitted.set()
+        await ticker
+        return max(gaps)
+
+    worst = asyncio.run(run())
+    assert spawned and not refused
+    assert {p.job_id for p in deliveries.pending.all()} == set(spawned)
+    assert worst < 0.3, f"the bot's loop stood still {worst:.2f} s while the turn's records were written"
+
+
 def test_the_waiting_notice_counts_the_messages_ahead():
     from bots.streaming import waiting_text
     from shared.client import Waiting
