@@ -146,6 +146,42 @@ def test_a_turns_records_are_written_off_the_bots_loop(redis_proc, tmp_path):
     assert worst < 0.3, f"the bot's loop stood still {worst:.2f} s while the turn's records were written"
 
 
+def test_a_delivery_cancelled_as_the_bot_stops_leaves_its_reply_owed(redis_proc, tmp_path):
+    """A bot that stops cancels what it was delivering: those replies are not delivered, so they stay owed, and
+    the bot delivers them when it is back. One that ends (here: its job is found lost) is owed no more."""
+    from dataclasses import replace
+
+    from bots.streaming import Deliveries
+    from shared.client import TurnClient
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    failed: list[str] = []
+
+    class Surface:
+        async def show(self, text: str) -> None: ...
+        async def typing(self) -> None: ...
+        async def finish(self, done) -> None: ...
+        async def fail(self, message: str, partial: str) -> None:
+            failed.append(message)
+
+    deliveries = Deliveries(client, "test", surface_for=lambda where: Surface())
+
+    async def run() -> None:
+        for job_id in ("stopped-job", "lost-job"):
+            deliveries.pending.add(job_id, {"chat": 1})
+        assert deliveries.resume() == 2
+        await asyncio.sleep(0.2)
+        stopped = [t for t in deliveries.tasks if t.get_name() == "deliver-stopped-"]  # its first 8 characters
+        assert len(stopped) == 1
+        stopped[0].cancel()
+        await asyncio.wait_for(asyncio.gather(*deliveries.tasks, return_exceptions=True), 30)
+
+    asyncio.run(run())
+    assert failed and "lost" in failed[0]  # the other one ended, said so
+    assert [p.job_id for p in deliveries.pending.all()] == ["stopped-job"]
+
+
 def test_the_waiting_notice_counts_the_messages_ahead():
     from bots.streaming import waiting_text
     from shared.client import Waiting
