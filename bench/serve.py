@@ -396,13 +396,16 @@ def open_connections(r, n: int) -> None:
 
 
 def play_channels(settings: Settings, channel_ids: list[int], turns: int, new_tokens: int, run_id: str,
-                  ready=None, go=None, stagger: float = 0.0) -> dict:
+                  ready=None, go=None, stagger: float = 0.0, as_bot: bool = False) -> dict:
     """Channels `channel_ids`, each sending `turns` turns one after another, from this process: a thread a
-    channel and one reader for all their streams. With `ready` (called once the connections are open) and
-    `go` (an event then waited for), the processes of one row start together. stagger: each channel sends its
-    first turn after its own delay, between 0 and this many seconds (the same for a channel in every run)."""
+    channel and one reader for all their streams (as_bot: as a chat bot plays them, `play_channels_as_bot`).
+    With `ready` (called once the connections are open) and `go` (an event then waited for), the processes of
+    one row start together. stagger: each channel sends its first turn after its own delay, between 0 and this
+    many seconds (the same for a channel in every run)."""
     from shared.client import TurnClient
 
+    if as_bot:
+        return play_channels_as_bot(settings, channel_ids, turns, new_tokens, run_id, ready, go, stagger)
     client = TurnClient(settings)
     open_connections(client.r, len(channel_ids) + 2)
     results: list[tuple[str, Turn]] = []
@@ -444,10 +447,110 @@ def play_channels(settings: Settings, channel_ids: list[int], turns: int, new_to
     return {"results": results, "start": start, "end": end, "cpu_s": cpu}
 
 
-def _play_in_child(conn, settings, channel_ids, turns, new_tokens, run_id, go, stagger) -> None:
+def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int, new_tokens: int, run_id: str,
+                         ready=None, go=None, stagger: float = 0.0) -> dict:
+    """The channels as the Discord and Telegram bots play theirs: one asyncio loop for all of them; each turn goes
+    through the bots' own `Deliveries` (its owed-reply records and its enqueue in a worker thread of the loop's
+    pool) and is followed by the client's stream hub into a coroutine (`stream_reply`, pacing its edits as the
+    bots do), shown on a surface that notes the moments instead of calling a platform. A turn's first token is
+    the first text that surface is shown; its end, the final text. The done event's stream entry is not seen
+    there, so the commit and the delivery are not told apart (they stay in `rest`)."""
+    import asyncio
+
+    from bots.streaming import REDIS_THREADS, Deliveries, widen_thread_pool
+    from shared.client import TurnClient
+
+    client = TurnClient(settings)
+    open_connections(client.r, min(len(channel_ids), REDIS_THREADS) + 4)  # the loop's thread pool, the hub and a few
+    results: list[tuple[str, Turn]] = []
+    playing: dict[str, tuple[Turn, asyncio.Future]] = {}
+
+    class NotedSurface:
+        """Where a platform message would be edited: notes when each part of the reply is shown."""
+
+        def __init__(self, where: dict) -> None:
+            self.turn, self.ended = playing[where["bench_turn"]]
+
+        async def typing(self) -> None:  # the reply's start event
+            if self.turn.started is None:
+                self.turn.started = time.perf_counter()
+
+        async def show(self, text: str) -> None:  # a waiting notice before the start; the text so far after it
+            if self.turn.started is not None and self.turn.first_token is None:
+                self.turn.first_token = time.perf_counter()
+
+        async def finish(self, done) -> None:  # noqa: ANN001 - shared.protocol.Done
+            turn = self.turn
+            turn.done, turn.done_wall = time.perf_counter(), time.time()
+            turn.tokens, turn.model_seconds, turn.pipeline_ms = done.completion_tokens, done.model_seconds, dict(done.pipeline_ms)
+            if not self.ended.done():
+                self.ended.set_result(None)
+
+        async def fail(self, message: str, partial: str) -> None:
+            self.turn.error = message
+            if not self.ended.done():
+                self.ended.set_result(None)
+
+    deliveries = Deliveries(client, f"bench-{run_id}", NotedSurface)
+
+    async def one_channel(i: int) -> None:
+        channel = f"bench:{run_id}:{i}"
+        if stagger > 0:
+            await asyncio.sleep(random.Random(i).uniform(0.0, stagger))
+        try:
+            for k in range(turns):
+                turn, key = Turn(channel=i), f"{i}:{k}"
+                prompt = PROMPTS[(i + k) % len(PROMPTS)]
+                ended = asyncio.get_running_loop().create_future()
+                playing[key] = (turn, ended)
+                job: list[str] = []
+                refused: list[str] = []
+
+                def submit(job_id: str, channel=channel, prompt=prompt, job=job):
+                    job.append(job_id)
+                    return client.chat(channel, prompt, user="bench", job_id=job_id, max_new_tokens=new_tokens, ignore_eos=True)
+
+                async def refuse(text: str, refused=refused) -> None:
+                    refused.append(text)
+
+                turn.enqueued, turn.enqueued_wall = time.perf_counter(), time.time()
+                try:
+                    await deliveries.submit(submit, {"bench_turn": key}, refuse)
+                    if refused:
+                        turn.error = refused[0]
+                    else:
+                        await asyncio.wait_for(ended, settings.job_timeout * 2)
+                except asyncio.TimeoutError:
+                    turn.error = "timed out"
+                except Exception as exc:  # counted and shown, the run goes on
+                    turn.error = f"{type(exc).__name__}: {exc}"
+                results.append((job[0] if job and not refused else "", turn))
+        finally:
+            await asyncio.to_thread(client.reset, channel)
+
+    async def play() -> None:
+        widen_thread_pool()  # as the bots do as their loops start
+        await asyncio.gather(*(one_channel(i) for i in channel_ids))
+        if deliveries.tasks:  # the last owed records being removed
+            await asyncio.wait(list(deliveries.tasks), timeout=10)
+
+    if ready is not None:
+        ready()
+    if go is not None:
+        go.wait()
+    cpu = time.process_time()
+    start = time.perf_counter()
+    asyncio.run(play())
+    end = time.perf_counter()
+    cpu = time.process_time() - cpu
+    client.r.delete(deliveries.pending.key)  # nothing is owed any more (a turn that timed out left its record)
+    return {"results": results, "start": start, "end": end, "cpu_s": cpu}
+
+
+def _play_in_child(conn, settings, channel_ids, turns, new_tokens, run_id, go, stagger, as_bot) -> None:
     try:
         conn.send(play_channels(settings, channel_ids, turns, new_tokens, run_id, ready=lambda: conn.send("ready"), go=go,
-                                stagger=stagger))
+                                stagger=stagger, as_bot=as_bot))
     except BaseException as exc:  # noqa: BLE001 - the parent reports it
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -535,7 +638,8 @@ def redis_load(before: dict | None, after: dict | None, wall: float, turns: int)
 
 
 def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: int, run_id: str,
-                   client_processes: int = 1, worker_sessions: list[int] | None = None, stagger: float = 0.0) -> Row:
+                   client_processes: int = 1, worker_sessions: list[int] | None = None, stagger: float = 0.0,
+                   as_bot: bool = False) -> Row:
     """N channels at once, each sending `turns` turns one after another through Redis and the workers, from
     `client_processes` processes (the channels dealt out among them; 1: all from this one, as one bot).
     worker_sessions: the pids of the workers the bench started (their CPU is counted). stagger: the channels'
@@ -555,7 +659,7 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
     redis_before = redis_snapshot(client.r)
     cpu_before = cpu_snapshot(worker_sessions or [])
     if n_proc == 1:
-        played = [play_channels(settings, groups[0], turns, new_tokens, run_id, stagger=stagger)]
+        played = [play_channels(settings, groups[0], turns, new_tokens, run_id, stagger=stagger, as_bot=as_bot)]
     else:
         # forked before this process has threads of its own; perf_counter is the system's monotonic clock, so
         # the children's times compare with each other's
@@ -566,7 +670,7 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
         try:
             for group in groups:
                 parent_end, child_end = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_play_in_child, args=(child_end, settings, group, turns, new_tokens, run_id, go, stagger),
+                proc = ctx.Process(target=_play_in_child, args=(child_end, settings, group, turns, new_tokens, run_id, go, stagger, as_bot),
                                    daemon=True)
                 proc.start()
                 child_end.close()
@@ -607,7 +711,7 @@ def run_end_to_end(settings: Settings, channels: int, turns: int, new_tokens: in
         if job.worker_name:  # slots are named PROCESS.K: count the turns each worker process served
             process = job.worker_name.rsplit(".", 1)[0] if job.worker_name.rsplit(".", 1)[-1].isdigit() else job.worker_name
             per_process[process] = per_process.get(process, 0) + 1
-    row = summarise("end-to-end", channels, turns, new_tokens, [t for _, t in results], wall)
+    row = summarise("end-to-end, as a bot" if as_bot else "end-to-end", channels, turns, new_tokens, [t for _, t in results], wall)
     row.extra["turns_per_worker_process"] = dict(sorted(per_process.items()))
     # the load generator's own CPU: near 1.0 for one process, it is playing its channels as fast as one
     # interpreter can, and its own waits are in the figures
@@ -745,6 +849,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="each channel sends its first turn after a delay of its own, up to this many seconds (default 0: "
                         "every channel at the same moment, a burst that every part of the pipeline queues; chat users do "
                         "not arrive that way)")
+    p.add_argument("--as-bot", action="store_true",
+                   help="play the channels as the chat bots do: one asyncio loop a client process, each turn through the "
+                        "bots' own delivery code (owed-reply records, the enqueue in a worker thread, a coroutine following "
+                        "the reply, edits paced as the bots pace them) instead of a thread a channel")
     p.add_argument("--label", default="", help="a name for this configuration in the table and the JSON")
     p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     p.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for workers to load (default 900)")
@@ -795,7 +903,7 @@ def main(argv: list[str], settings: Settings) -> int:
                 print(f"bench: warm-up turns per worker process: {warm.extra['turns_per_worker_process']}", file=sys.stderr, flush=True)
             for n in args.channel_counts:
                 rows.append(run_end_to_end(live, n, args.turns, args.new_tokens, run_id, args.client_processes, worker_pids,
-                                           args.stagger))
+                                           args.stagger, args.as_bot))
                 print(table(rows[-1:]), flush=True)
     for row in rows:
         row.extra["label"] = args.label

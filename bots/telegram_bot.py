@@ -26,7 +26,7 @@ from telegram.ext import (
     filters,
 )
 
-from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, split_text, status_lines
+from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, split_text, status_lines, widen_thread_pool
 from shared.client import Submitted, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
@@ -416,6 +416,7 @@ class TelegramBot:
     # -- the application ----------------------------------------------------------------------------
 
     async def post_init(self, app: Application) -> None:
+        widen_thread_pool()  # the turns' Redis work runs in the loop's pool: room for a burst of them
         await app.bot.set_my_commands([BotCommand(c, d) for c, d in COMMANDS])
         owed = self.deliveries.resume()
         if owed:

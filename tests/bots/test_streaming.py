@@ -182,6 +182,24 @@ def test_a_delivery_cancelled_as_the_bot_stops_leaves_its_reply_owed(redis_proc,
     assert [p.job_id for p in deliveries.pending.all()] == ["stopped-job"]
 
 
+def test_a_bots_loop_runs_a_burst_of_redis_calls_at_once():
+    """The bots widen their loop's thread pool as they start: 40 turns' blocking calls run at the same time
+    (asyncio's default pool, the CPU count + 4 threads, would hold all but a few of them back)."""
+    import threading
+
+    from bots.streaming import REDIS_THREADS, widen_thread_pool
+
+    n = 40
+    assert n <= REDIS_THREADS
+    together = threading.Barrier(n, timeout=10)  # broken (an error) unless all n wait in it at once
+
+    async def run() -> list[int]:
+        widen_thread_pool()
+        return await asyncio.gather(*(asyncio.to_thread(together.wait) for _ in range(n)))
+
+    assert sorted(asyncio.run(run())) == list(range(n))
+
+
 def test_the_waiting_notice_counts_the_messages_ahead():
     from bots.streaming import waiting_text
     from shared.client import Waiting

@@ -119,6 +119,16 @@ def test_bench_runs_end_to_end_and_direct(env, tmp_path):
         assert 0 < cpu["worker_cores_busy"] <= cpu["host_cores"] and cpu["host_cores_busy"] > 0
     assert "| end-to-end | 3 |" in proc.stdout and "before_model p50 / p95 ms" in proc.stdout and "delivery p50 / p95 ms" in proc.stdout
     assert "workers' cores busy" in proc.stdout
+    # the channels played as the chat bots play theirs: one loop, the bots' own delivery code
+    bot = subprocess.run([*base, "--channels", "3", "--worker-args", "--slots 3", "--as-bot", "--json", str(out)],
+                         env=environ, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bot.returncode == 0, bot.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["mode"] == "end-to-end, as a bot" and row["errors"] == 0 and row["tokens"] == 8 * 3
+    assert row["ttft_p50_s"] > 0 and row["overhead_p50_ms"] is not None and row["queue_wait_p50_s"] is not None
+    split = row["extra"]["overhead_split_ms"]  # the done event's stream entry is not seen there: no commit or delivery
+    assert {"rq_start", "before_model", "enqueue", "rest"} <= set(split) and "delivery" not in split
+    assert "| end-to-end, as a bot | 3 |" in bot.stdout
     direct = subprocess.run([*base, "--direct", "--channels", "2", "--json", str(out)],
                             env=environ, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert direct.returncode == 0, direct.stderr[-3000:]
