@@ -506,9 +506,10 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
                 job: list[str] = []
                 refused: list[str] = []
 
-                def submit(job_id: str, channel=channel, prompt=prompt, job=job):
+                def submit(job_id: str, owed, channel=channel, prompt=prompt, job=job):  # noqa: ANN001 - shared.client.Owed
                     job.append(job_id)
-                    return client.chat(channel, prompt, user="bench", job_id=job_id, max_new_tokens=new_tokens, ignore_eos=True)
+                    return client.chat(channel, prompt, user="bench", job_id=job_id, max_new_tokens=new_tokens, ignore_eos=True,
+                                       owed=owed)
 
                 async def refuse(text: str, refused=refused) -> None:
                     refused.append(text)

@@ -20,7 +20,7 @@ import yarl
 from discord import app_commands
 
 from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, split_text, status_lines, widen_thread_pool
-from shared.client import Submitted, TurnClient
+from shared.client import Owed, Submitted, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
 from shared.settings import Settings
@@ -179,7 +179,7 @@ class ShallowDiscord(discord.Client):
         return cooldown_left(self.r, f"shallow:dc:cool:{user_id}", self.dc.cooldown)
 
     async def start_turn(self, channel: discord.abc.Messageable, placeholder: discord.Message | None,
-                         submit: Callable[[str], Submitted], reference: discord.Message | None = None) -> None:
+                         submit: Callable[[str, Owed], Submitted], reference: discord.Message | None = None) -> None:
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         if placeholder is None:
             placeholder = await channel.send("⏳ …", reference=reference, mention_author=False)
@@ -222,7 +222,7 @@ class ShallowDiscord(discord.Client):
             if placeholder is None:
                 placeholder = await interaction.original_response()
             await self.start_turn(interaction.channel, placeholder,
-                                  lambda job_id: self.turns.start_story(channel, title, user=str(interaction.user.id), job_id=job_id))
+                                  lambda job_id, owed: self.turns.start_story(channel, title, user=str(interaction.user.id), job_id=job_id, owed=owed))
 
         @story.command(name="end", description="End the story in this channel")
         async def story_end(interaction: discord.Interaction) -> None:
@@ -329,7 +329,7 @@ class ShallowDiscord(discord.Client):
             await message.reply(str(exc), mention_author=False)
             return
         channel = self.channel_key(message.channel.id)
-        await self.start_turn(message.channel, None, lambda job_id: self.turns.say(channel, text, user=str(message.author.id), job_id=job_id),
+        await self.start_turn(message.channel, None, lambda job_id, owed: self.turns.say(channel, text, user=str(message.author.id), job_id=job_id, owed=owed),
                               reference=message)
 
     async def on_choice(self, interaction: discord.Interaction, session_id: str, turn: int, n: int) -> None:
@@ -354,7 +354,7 @@ class ShallowDiscord(discord.Client):
         content = ((interaction.message.content if interaction.message else "") + f"\n\n▶ {n}. {choice}")[-MESSAGE_LIMIT:]
         await interaction.response.edit_message(content=content, view=None)
         self.turns.store.set_mode(channel, Mode.STORY)
-        await self.start_turn(interaction.channel, None, lambda job_id: self.turns.say(channel, str(n), user=str(interaction.user.id), job_id=job_id))
+        await self.start_turn(interaction.channel, None, lambda job_id, owed: self.turns.say(channel, str(n), user=str(interaction.user.id), job_id=job_id, owed=owed))
 
 
 def run(settings: Settings) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import redis
 
-from shared.client import FollowEvent, ReplyText, Submitted, TurnClient, Waiting
+from shared.client import FollowEvent, Owed, ReplyText, Submitted, TurnClient, Waiting
 from shared.errors import BadInput, ChannelBusy, ConfigError
 from shared.protocol import Chunk, Done, Error, Start, new_id
 
@@ -173,7 +173,11 @@ class PendingReplies:
         self.key = f"shallow:pending:{platform}"
 
     def add(self, job_id: str, where: dict[str, Any]) -> None:
-        self.r.hset(self.key, job_id, json.dumps({"where": where, "since": time.time()}))
+        self.r.hset(self.key, job_id, self.record(where, time.time()))
+
+    @staticmethod
+    def record(where: dict[str, Any], since: float) -> str:
+        return json.dumps({"where": where, "since": since})
 
     def done(self, job_id: str) -> None:
         self.r.hdel(self.key, job_id)
@@ -195,32 +199,37 @@ class Deliveries:
         self.surface_for = surface_for  # where (platform ids, session, turn) -> the Surface to show it on
         self.tasks: set[asyncio.Task] = set()  # held so that running deliveries are not garbage-collected
 
-    async def submit(self, submit: Callable[[str], Submitted], where: dict[str, Any], refuse: Callable[[str], Awaitable[Any]]) -> None:
-        """Enqueue a turn (submit(job_id)) whose placeholder is at `where`; a refusal goes to `refuse`.
+    async def submit(self, submit: Callable[[str, Owed], Submitted], where: dict[str, Any],
+                     refuse: Callable[[str], Awaitable[Any]]) -> None:
+        """Enqueue a turn (submit(job_id, owed): a `TurnClient` turn method given both) whose placeholder is at
+        `where`; a refusal goes to `refuse`.
 
-        The reply is recorded as owed before the job is enqueued, so a bot killed at any point after
-        this starts delivers it (or says it was lost) when it comes back.
-        """
+        The reply is recorded as owed before the job is enqueued (with the claim of the channel), and the record
+        gains the reply's session in the job's own transaction, so a bot killed at any point after this starts
+        delivers it (or says it was lost) when it comes back. The turn runs in a worker thread: its round trips
+        to Redis keep the bot's loop, which every channel shares, waiting for none of them (before session 21
+        the record was written from the loop, in two round trips of its own)."""
+        job_id = new_id()
+        since = time.time()
+        owed = Owed(key=self.pending.key, first=self.pending.record(where, since),
+                    then=lambda sub: self.pending.record(self._located(where, sub), since))
         try:
-            sub, where = await asyncio.to_thread(self._enqueue_owed, submit, new_id(), where)
+            sub = await asyncio.to_thread(self._enqueue, submit, job_id, owed)
         except (BadInput, ChannelBusy) as exc:
             await refuse(str(exc))
             return
-        self._spawn(sub.job_id, where)
+        self._spawn(sub.job_id, self._located(where, sub))
 
-    def _enqueue_owed(self, submit: Callable[[str], Submitted], job_id: str, where: dict[str, Any]) -> tuple[Submitted, dict[str, Any]]:
-        """In a worker thread: the reply recorded as owed, the turn enqueued, and the record given the reply's
-        session. Three round trips to Redis, kept off the bot's loop (before session 21 the two records were
-        written from the loop, which then stood still for every other channel's events meanwhile)."""
-        self.pending.add(job_id, where)
+    @staticmethod
+    def _located(where: dict[str, Any], sub: Submitted) -> dict[str, Any]:
+        return dict(where, session_id=sub.session.id, turn=sub.session.turns + 1)
+
+    def _enqueue(self, submit: Callable[[str, Owed], Submitted], job_id: str, owed: Owed) -> Submitted:
         try:
-            sub = submit(job_id)
+            return submit(job_id, owed)
         except BaseException:
-            self.pending.done(job_id)
+            self.pending.done(job_id)  # refused or failed: nothing is owed (and nothing was enqueued)
             raise
-        where = dict(where, session_id=sub.session.id, turn=sub.session.turns + 1)
-        self.pending.add(sub.job_id, where)
-        return sub, where
 
     def resume(self) -> int:
         """Deliver what was owed when the bot last stopped. Returns how many."""

@@ -27,7 +27,7 @@ from telegram.ext import (
 )
 
 from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, split_text, status_lines, widen_thread_pool
-from shared.client import Submitted, TurnClient
+from shared.client import Owed, Submitted, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
 from shared.settings import Settings
@@ -231,7 +231,7 @@ class TelegramBot:
             return False
         return True
 
-    async def _start_turn(self, message: Message, submit: Callable[[str], Submitted]) -> None:
+    async def _start_turn(self, message: Message, submit: Callable[[str, Owed], Submitted]) -> None:
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         placeholder = await message.reply_text("⏳ …")
         where = {"chat_id": placeholder.chat_id, "message_id": placeholder.message_id}
@@ -276,7 +276,7 @@ class TelegramBot:
         except BadInput as exc:
             await msg.reply_text(str(exc))
             return
-        await self._start_turn(msg, lambda job_id: self.client.start_story(channel, title, user=_user(update), job_id=job_id))
+        await self._start_turn(msg, lambda job_id, owed: self.client.start_story(channel, title, user=_user(update), job_id=job_id, owed=owed))
 
     async def end(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/end: end the story."""
@@ -354,14 +354,14 @@ class TelegramBot:
                 self.r.set(f"shallow:tg:title:{msg.chat_id}", 1, ex=AWAIT_TITLE_TTL)
                 await msg.reply_text(f"{exc}")
                 return
-            await self._start_turn(msg, lambda job_id: self.client.start_story(channel, text, user=_user(update), job_id=job_id))
+            await self._start_turn(msg, lambda job_id, owed: self.client.start_story(channel, text, user=_user(update), job_id=job_id, owed=owed))
             return
         try:
             self.client.clean_text(text)
         except BadInput as exc:
             await msg.reply_text(str(exc))
             return
-        await self._start_turn(msg, lambda job_id: self.client.say(channel, text, user=_user(update), job_id=job_id))
+        await self._start_turn(msg, lambda job_id, owed: self.client.say(channel, text, user=_user(update), job_id=job_id, owed=owed))
 
     async def not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Stickers, photos, voice, files: explain that only text is read."""
@@ -402,7 +402,7 @@ class TelegramBot:
         await query.answer(f"You chose: {story.choices[choice_no - 1]}"[:190])
         await _drop_keyboard(query, f"▶ {choice_no}. {story.choices[choice_no - 1]}")
         self.client.store.set_mode(channel, Mode.STORY)
-        await self._start_turn(query.message, lambda job_id: self.client.say(channel, str(choice_no), user=_user(update), job_id=job_id))
+        await self._start_turn(query.message, lambda job_id, owed: self.client.say(channel, str(choice_no), user=_user(update), job_id=job_id, owed=owed))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log every handler error with its traceback; the user gets a short apology, never the traceback."""

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -49,6 +49,18 @@ class Submitted:
     job_id: str
     request: TurnRequest
     session: Session
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A record a turn writes in its own round trips (a bot's "reply owed", `bots.streaming.Deliveries`): the
+    field `first` with the claim of the channel, before anything is enqueued, and then `then(submitted)` in the
+    transaction that enqueues the job. The same two round trips as a turn without it (before session 21 a bot
+    wrote its record in two round trips of their own)."""
+
+    key: str  # a hash
+    first: str
+    then: Callable[[Submitted], str]
 
 
 @dataclass(frozen=True)
@@ -358,36 +370,41 @@ class TurnClient:
 
     # -- turns ----------------------------------------------------------------------------------
 
-    # Each turn method takes an optional job_id: a bot that records "reply owed" before it enqueues
-    # (so that a crash in between loses nothing) chooses the id first.
+    # Each turn method takes an optional job_id and an optional `Owed` record: a bot records "reply owed" before
+    # it enqueues (so that a crash in between loses nothing), in the turn's own round trips, under an id it chose.
 
     # A message or a new story takes two round trips to Redis: the channel's mode, sessions and the claim of
     # its turn in one (`SessionStore.open_turn`), then the job with the session's lease (and a new session, or
     # the mode) in one transaction. (A message took four: the mode, the session, the claim, the job.)
 
     def say(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
-            job_id: str | None = None) -> Submitted:
+            job_id: str | None = None, owed: Owed | None = None) -> Submitted:
         """A message in the channel: a chat turn, or the next action of the channel's story."""
         text = self.clean_text(text)
         job_id = job_id or new_id()
-        view = self.store.open_turn(channel, job_id, self._hold())
+        view = self._open_turn(channel, job_id, owed)
         if view.mode is Mode.STORY and view.story is not None:
             story = view.story
             return self._submit(channel, story, story_action(text, story.choices), text, user, reply_to, job_id,
-                                claimed_by=view.claimed_by, kept=view.kept())
-        return self._chat_turn(channel, view, text, user, reply_to, job_id)  # a story that expired: back to chat
+                                claimed_by=view.claimed_by, kept=view.kept(), owed=owed)
+        return self._chat_turn(channel, view, text, user, reply_to, job_id, owed=owed)  # a story that expired: back to chat
 
     def chat(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
-             job_id: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False) -> Submitted:
+             job_id: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
+             owed: Owed | None = None) -> Submitted:
         """A chat turn, whatever the channel's mode was (a running story is kept).
 
         max_new_tokens (at most the worker's own limit) and ignore_eos fix a reply's length: `shallow bench`.
         """
         text = self.clean_text(text)
         job_id = job_id or new_id()
-        view = self.store.open_turn(channel, job_id, self._hold())
+        view = self._open_turn(channel, job_id, owed)
         return self._chat_turn(channel, view, text, user, reply_to, job_id, max_new_tokens=max_new_tokens,
-                               ignore_eos=ignore_eos)
+                               ignore_eos=ignore_eos, owed=owed)
+
+    def _open_turn(self, channel: str, job_id: str, owed: Owed | None) -> TurnView:
+        also = None if owed is None else (lambda p: p.hset(owed.key, job_id, owed.first))
+        return self.store.open_turn(channel, job_id, self._hold(), also=also)
 
     def _chat_turn(self, channel: str, view: TurnView, text: str, user: str | None, reply_to: dict | None, job_id: str,
                    **limits) -> Submitted:
@@ -403,14 +420,14 @@ class TurnClient:
         return s.job_timeout * (s.job_retries + 1) + 120
 
     def start_story(self, channel: str, title: str | None, *, user: str | None = None, reply_to: dict | None = None,
-                    job_id: str | None = None) -> Submitted:
+                    job_id: str | None = None, owed: Owed | None = None) -> Submitted:
         """A new story from its title; its first passage is the reply."""
         title = self.clean_title(title)
         job_id = job_id or new_id()
-        view = self.store.open_turn(channel, job_id, self._hold())  # a busy channel keeps its story: refused first
+        view = self._open_turn(channel, job_id, owed)  # a busy channel keeps its story: refused first
         story = Session.new(channel, Mode.STORY, title)
         return self._submit(channel, story, "", f"/story {title}", user, reply_to, job_id, claimed_by=view.claimed_by,
-                            new_session=True, kept=view.kept())
+                            new_session=True, kept=view.kept(), owed=owed)
 
     def end_story(self, channel: str) -> Session | None:
         return self.store.end_story(channel)
@@ -435,11 +452,12 @@ class TurnClient:
         self, channel: str, session: Session, text: str, user_text: str, user: str | None, reply_to: dict | None,
         job_id: str | None = None, *, max_new_tokens: int | None = None, ignore_eos: bool = False,
         claimed_by: str | None | object = _NOT_CLAIMED, new_session: bool = False, set_mode: bool = False,
-        kept: tuple[Mode, ...] | None = None,
+        kept: tuple[Mode, ...] | None = None, owed: Owed | None = None,
     ) -> Submitted:
         """Enqueue the turn. claimed_by: what `open_turn` found (None: the claim is ours), else it is claimed here;
         new_session: write `session` with the job; set_mode: make `session.mode` the channel's mode with it;
-        kept: the channel's sessions that exist (`TurnView.kept`), whose keys get a new lease (None: every mode's)."""
+        kept: the channel's sessions that exist (`TurnView.kept`), whose keys get a new lease (None: every mode's);
+        owed: its record's second value, written in the job's transaction."""
         s = self.settings
         request = TurnRequest(
             channel=channel,
@@ -485,9 +503,12 @@ class TurnClient:
             modes = tuple(Mode) if kept is None else kept
             self.store.touch(channel, pipeline=p, modes=tuple(m for m in modes if not (new_session and m is session.mode)),
                              mode_key=not (new_session or set_mode))
+            submitted = Submitted(job_id=request.job_id, request=request, session=session)
+            if owed is not None:
+                p.hset(owed.key, request.job_id, owed.then(submitted))
             p.execute()
         logger.info("enqueued job %s: %s turn in %s", request.job_id, session.mode.value, channel)
-        return Submitted(job_id=request.job_id, request=request, session=session)
+        return submitted
 
     # -- following ------------------------------------------------------------------------------
 

@@ -150,17 +150,20 @@ class SessionStore:
         p.expire(key, self.ttl)
         p.set(_key(session.channel, "mode"), session.mode.value, ex=self.ttl)
 
-    def open_turn(self, channel: str, job_id: str, hold: int) -> TurnView:
+    def open_turn(self, channel: str, job_id: str, hold: int, also=None) -> TurnView:
         """One round trip for a message: the channel's mode, its chat and story sessions, and the claim of the
-        channel's turn for `job_id` (held `hold` seconds; `claimed_by` names the job already there, if any)."""
+        channel's turn for `job_id` (held `hold` seconds; `claimed_by` names the job already there, if any).
+        also(pipeline): commands of the caller's, sent first in the same round trip."""
         inflight = _key(channel, "inflight")
         with self.r.pipeline(transaction=False) as p:
+            if also is not None:
+                also(p)
             p.get(_key(channel, "mode"))
             p.hgetall(_key(channel, Mode.CHAT.value))
             p.hgetall(_key(channel, Mode.STORY.value))
             p.set(inflight, job_id, nx=True, ex=hold)
             p.get(inflight)
-            mode, chat, story, claimed, holder = p.execute()
+            mode, chat, story, claimed, holder = p.execute()[-5:]
         return TurnView(
             mode=Mode(mode.decode()) if mode else Mode.CHAT,
             chat=self._session(channel, Mode.CHAT, chat),

@@ -64,7 +64,11 @@ def test_a_long_final_reply_is_split_at_4096_and_the_keyboard_goes_last(monkeypa
 
 
 def test_a_reply_is_recorded_as_owed_before_its_job_is_enqueued(redis_proc, tmp_path):
-    """A bot killed between enqueueing a turn and noting it would leave a reply no one delivers."""
+    """A bot killed between enqueueing a turn and noting it would leave a reply no one delivers. The record goes
+    with the claim of the channel, before the job, and gains the reply's session in the job's own transaction:
+    Redis' MONITOR shows the order the server ran them in. A refused turn (empty, or its channel busy) is told and
+    not left owed."""
+    import threading
     from dataclasses import replace
 
     from bots.streaming import Deliveries
@@ -75,33 +79,54 @@ def test_a_reply_is_recorded_as_owed_before_its_job_is_enqueued(redis_proc, tmp_
     deliveries = Deliveries(client, "test", surface_for=lambda where: None)
     seen: dict[str, object] = {}
     refused: list[str] = []
+    commands: list[str] = []
+    watching = threading.Event()
 
-    def submit(job_id: str):
-        seen["owed_at_enqueue"] = client.r.hexists("shallow:pending:test", job_id)
-        return client.say("test:1", "hello", job_id=job_id)
+    def watch() -> None:
+        with client.r.monitor() as m:
+            watching.set()
+            for line in m.listen():
+                commands.append(line["command"])
+                if "shallow:stop-watching" in line["command"]:
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert watching.wait(10)
 
     async def refuse(text: str) -> None:
         refused.append(text)
 
     async def run() -> None:
         deliveries._spawn = lambda job_id, where: seen.setdefault("spawned", (job_id, where))  # no follower here
-        await deliveries.submit(submit, {"chat": 1}, refuse)
-        await deliveries.submit(lambda job_id: client.say("test:2", "   ", job_id=job_id), {"chat": 2}, refuse)
+        await deliveries.submit(lambda job_id, owed: client.say("test:1", "hello", job_id=job_id, owed=owed), {"chat": 1}, refuse)
+        await deliveries.submit(lambda job_id, owed: client.say("test:2", "   ", job_id=job_id, owed=owed), {"chat": 2}, refuse)
+        # the first turn's reply is still to be written (no worker here): its channel is busy
+        await deliveries.submit(lambda job_id, owed: client.say("test:1", "again", job_id=job_id, owed=owed), {"chat": 1}, refuse)
 
     asyncio.run(run())
+    client.r.get("shallow:stop-watching")
+    watcher.join(10)
     job_id, where = seen["spawned"]
-    assert seen["owed_at_enqueue"] is True
     assert client.queue.fetch_job(job_id) is not None  # enqueued under the id chosen first
     owed = {p.job_id: p.where for p in deliveries.pending.all()}
     assert owed == {job_id: dict(where)} and where["chat"] == 1 and "session_id" in where
-    assert refused and "empty" in refused[0]  # the refused turn is told and not left owed
+    assert len(refused) == 2 and "empty" in refused[0] and "still writing" in refused[1]
+    # the server's order: the record, then the job's transaction, with the record's second value inside it
+    first = next(i for i, c in enumerate(commands) if c.startswith("HSET shallow:pending:test " + job_id))
+    multi = next(i for i, c in enumerate(commands) if c == "MULTI" and i > first)
+    job = next(i for i, c in enumerate(commands) if c.startswith(f"HSET rq:job:{job_id}"))
+    second = next(i for i, c in enumerate(commands) if c.startswith("HSET shallow:pending:test " + job_id) and i > first)
+    exec_ = next(i for i, c in enumerate(commands) if c == "EXEC" and i > multi)
+    assert first < multi < job < exec_ and multi < second < exec_, commands
+    assert "session_id" in commands[second] and "session_id" not in commands[first]
 
 
 def test_a_turns_records_are_written_off_the_bots_loop(redis_proc, tmp_path):
     """A bot serves every channel from one asyncio loop: a Redis round trip made from it stops every other
     channel's events while it waits. Here Redis holds every write for 0.6 s (CLIENT PAUSE) while a turn is
-    submitted, and the loop must go on running meanwhile: the owed record, the enqueue and the record's update
-    are written from a worker thread. (Written from the loop, as before session 21, the loop stood still 0.6 s.)"""
+    submitted, and the loop must go on running meanwhile: the turn, its owed record with it, is written from a
+    worker thread. (With the record written from the loop, as before session 21, the loop stood still 0.6 s.)"""
     import time
     from dataclasses import replace
 
@@ -134,7 +159,7 @@ def test_a_turns_records_are_written_off_the_bots_loop(redis_proc, tmp_path):
         await asyncio.sleep(0.05)
         client.r.execute_command("CLIENT", "PAUSE", 600, "WRITE")
         paused = time.monotonic()
-        await deliveries.submit(lambda job_id: client.say("test:paused", "hello", job_id=job_id), {"chat": 9}, refuse)
+        await deliveries.submit(lambda job_id, owed: client.say("test:paused", "hello", job_id=job_id, owed=owed), {"chat": 9}, refuse)
         assert time.monotonic() - paused >= 0.5  # the pause held the writes
         submitted.set()
         await ticker
