@@ -434,17 +434,22 @@ def play_channels(settings: Settings, channel_ids: list[int], turns: int, new_to
         finally:
             client.reset(channel)
 
+    start, end, cpu = _timed_together(lambda: run_channels(one_channel, channel_ids), ready, go)
+    reader.stop()
+    return {"results": results, "start": start, "end": end, "cpu_s": cpu}
+
+
+def _timed_together(play, ready, go) -> tuple[float, float, float]:
+    """play(), once this process has said it is ready and every process may start: its start, end and CPU."""
     if ready is not None:
         ready()
     if go is not None:
         go.wait()
     cpu = time.process_time()
     start = time.perf_counter()
-    run_channels(one_channel, channel_ids)
+    play()
     end = time.perf_counter()
-    cpu = time.process_time() - cpu
-    reader.stop()
-    return {"results": results, "start": start, "end": end, "cpu_s": cpu}
+    return start, end, time.process_time() - cpu
 
 
 def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int, new_tokens: int, run_id: str,
@@ -535,15 +540,7 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
         if deliveries.tasks:  # the last owed records being removed
             await asyncio.wait(list(deliveries.tasks), timeout=10)
 
-    if ready is not None:
-        ready()
-    if go is not None:
-        go.wait()
-    cpu = time.process_time()
-    start = time.perf_counter()
-    asyncio.run(play())
-    end = time.perf_counter()
-    cpu = time.process_time() - cpu
+    start, end, cpu = _timed_together(lambda: asyncio.run(play()), ready, go)
     client.r.delete(deliveries.pending.key)  # nothing is owed any more (a turn that timed out left its record)
     return {"results": results, "start": start, "end": end, "cpu_s": cpu}
 
