@@ -266,11 +266,16 @@ class AsyncSubscription(Subscription):
         self.loop.call_soon_threadsafe(self.items.put_nowait, item)
 
     async def get_async(self, timeout: float) -> list:
-        """As `Subscription.get`, awaited."""
-        try:
-            batches = [await asyncio.wait_for(self.items.get(), timeout)]
-        except asyncio.TimeoutError:
-            return []
+        """As `Subscription.get`, awaited. What is there already is taken without waiting (at many replies at
+        once it usually is), and a wait is bounded by `asyncio.timeout`, not `asyncio.wait_for` (a task of its own
+        each time: ~11 us against ~4 on this 2-core box, and 0.4 for what is there already)."""
+        batches = []
+        if self.items.empty():
+            try:
+                async with asyncio.timeout(timeout):
+                    batches.append(await self.items.get())
+            except TimeoutError:
+                return []
         while not self.items.empty():
             batches.append(self.items.get_nowait())
         return _entries_of(batches)
