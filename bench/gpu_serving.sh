@@ -63,11 +63,12 @@ for stage in "$@"; do
       .gpu/bin/py-spy dump --pid $wpid --nonblocking > "$out/dump-worker.txt" 2>&1 || true
       wait $bpid || true; tail -3 "$out/profile-bench.log" ;;
     defaults)  # the worker as it starts by default on CUDA (`--slots 256`: automatic fronts, one per 16 slots), bf16 merged (FOURBIT=1: NF4;
-      # CLIENTS=N: the channels played from N bench processes; STAGGER=S: the channels' first turns spread over S seconds)
+      # CLIENTS=N: the channels played from N bench processes; STAGGER=S: the channels' first turns spread over S seconds;
+      # AS_BOT=1: each bench process plays its channels as the chat bots do, `--as-bot`)
       SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=${FOURBIT:-0} bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \
-        --client-processes ${CLIENTS:-1} --stagger ${STAGGER:-0} --worker-args "--slots 256" \
-        --label "slot engine $([ "${FOURBIT:-0}" = 1 ] && echo 'NF4 + LoRA' || echo bf16), automatic fronts (default), ${CLIENTS:-1} client process(es), first turns spread over ${STAGGER:-0} s" \
-        --json "$out/defaults${FOURBIT:+-nf4}${CLIENTS:+-clients$CLIENTS}${STAGGER:+-stagger$STAGGER}.json" ;;
+        --client-processes ${CLIENTS:-1} --stagger ${STAGGER:-0} --worker-args "--slots 256" $([ "${AS_BOT:-0}" = 1 ] && echo --as-bot) \
+        --label "slot engine $([ "${FOURBIT:-0}" = 1 ] && echo 'NF4 + LoRA' || echo bf16), automatic fronts (default), ${CLIENTS:-1} client process(es)$([ "${AS_BOT:-0}" = 1 ] && echo ', as a bot'), first turns spread over ${STAGGER:-0} s" \
+        --json "$out/defaults${FOURBIT:+-nf4}${CLIENTS:+-clients$CLIENTS}${STAGGER:+-stagger$STAGGER}${AS_BOT:+-bot}.json" ;;
     fronts)  # the model in one process, the jobs in FRONTS processes (`--fronts`): the jobs' Python off the engine's lock (FOURBIT=1: NF4)
       SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=${FOURBIT:-0} bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \
         --worker-args "--fronts ${FRONTS:-4} --slots 256" --label "slot engine $([ "${FOURBIT:-0}" = 1 ] && echo 'NF4 + LoRA' || echo bf16), ${FRONTS:-4} fronts over one model process" \
