@@ -222,7 +222,14 @@ def test_a_bots_loop_runs_a_burst_of_redis_calls_at_once():
         widen_thread_pool()
         return await asyncio.gather(*(asyncio.to_thread(together.wait) for _ in range(n)))
 
-    assert sorted(asyncio.run(run())) == list(range(n))
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        assert sorted(asyncio.run(run())) == list(range(n))
+        assert sys.getswitchinterval() == 0.001  # the lock handed over every 1 ms, as the worker does
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_the_waiting_notice_counts_the_messages_ahead():
