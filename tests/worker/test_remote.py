@@ -144,6 +144,26 @@ def test_a_peer_that_never_answers_does_not_keep_fronts_out(served):
             front.close()
 
 
+def _hold_io(monkeypatch, method: str, io, thread: str) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """Make the standard library's `Connection.<method>` (`_recv` or `_send`) hold the thread named `thread` once,
+    between taking its descriptor's number and reading or writing it (`io`: os.read or os.write), after `armed` is
+    set: `held` is set then, and it goes on when `release` is. Nothing of the project's is changed."""
+    from multiprocessing import connection as mpc
+
+    armed, held, release = threading.Event(), threading.Event(), threading.Event()
+    original = getattr(mpc.Connection, method)
+
+    def held_io(handle, arg):
+        if armed.is_set() and threading.current_thread().name == thread:
+            armed.clear()
+            held.set()
+            release.wait(30)
+        return io(handle, arg)
+
+    monkeypatch.setattr(mpc.Connection, method, lambda self, arg, _io=None: original(self, arg, held_io))
+    return armed, held, release
+
+
 def test_a_stopped_fronts_reader_never_reads_the_next_connections_socket(served, monkeypatch):
     """A front's reading thread takes its descriptor's number and then reads; the interpreter may switch threads
     in between. If the front's `stop` gave the descriptor back at once, the next connection this process opened
@@ -152,22 +172,11 @@ def test_a_stopped_fronts_reader_never_reads_the_next_connections_socket(served,
     is changed) while the front stops: the number must still name the old socket; the next front connects, the old
     reader reads (its own end), and the next front's reply comes whole."""
     import time
-    from multiprocessing import connection as mpc
 
     from worker.remote import RemoteBackend, RemoteEngine
 
     _, _, address, key, greedy = served
-    armed, held, release = threading.Event(), threading.Event(), threading.Event()
-    original = mpc.Connection._recv
-
-    def held_read(handle, n):
-        if armed.is_set() and threading.current_thread().name == "engine-client":
-            armed.clear()
-            held.set()
-            release.wait(30)
-        return os.read(handle, n)
-
-    monkeypatch.setattr(mpc.Connection, "_recv", lambda self, size, read=None: original(self, size, read=held_read))
+    armed, held, release = _hold_io(monkeypatch, "_recv", os.read, "engine-client")
     armed.set()
     old = RemoteEngine(address, key)
     fronts: list = []
@@ -205,24 +214,13 @@ def test_a_links_descriptor_is_given_back_only_after_its_sender_has_stopped(serv
     changed) while the front goes: the number must still name the link's socket until the sender has let go, the
     descriptor must then be given back, and the next front must be served whole."""
     import time
-    from multiprocessing import connection as mpc
 
     from tests.conftest import wait_for
     from worker.engine import EngineStopped
     from worker.remote import RemoteBackend
 
     _, server, address, key, greedy = served
-    armed, held, release = threading.Event(), threading.Event(), threading.Event()
-    original = mpc.Connection._send
-
-    def held_write(handle, data):
-        if armed.is_set() and threading.current_thread().name == "engine-link-send":
-            armed.clear()
-            held.set()
-            release.wait(30)
-        return os.write(handle, data)
-
-    monkeypatch.setattr(mpc.Connection, "_send", lambda self, buf, write=None: original(self, buf, write=held_write))
+    armed, held, release = _hold_io(monkeypatch, "_send", os.write, "engine-link-send")
     front = RemoteBackend.connect(address, key)
     fronts: list = []
     outcome: list = []
