@@ -462,7 +462,7 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
     there, so the commit and the delivery are not told apart (they stay in `rest`)."""
     import asyncio
 
-    from bots.streaming import REDIS_THREADS, Deliveries, widen_thread_pool
+    from bots.streaming import REDIS_THREADS, Deliveries, prepare_bot_loop
     from shared.client import TurnClient
 
     client = TurnClient(settings)
@@ -535,7 +535,7 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
             await asyncio.to_thread(client.reset, channel)
 
     async def play() -> None:
-        widen_thread_pool()  # as the bots do as their loops start
+        prepare_bot_loop()  # as the bots do as their loops start
         await asyncio.gather(*(one_channel(i) for i in channel_ids))
         if deliveries.tasks:  # the last owed records being removed
             await asyncio.wait(list(deliveries.tasks), timeout=10)

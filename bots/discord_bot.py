@@ -19,7 +19,7 @@ import discord
 import yarl
 from discord import app_commands
 
-from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, split_text, status_lines, widen_thread_pool
+from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
 from shared.client import Owed, Submitted, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
@@ -195,7 +195,7 @@ class ShallowDiscord(discord.Client):
     # -- set-up ---------------------------------------------------------------------------------
 
     async def setup_hook(self) -> None:
-        widen_thread_pool()  # the turns' Redis work runs in the loop's pool: room for a burst of them
+        prepare_bot_loop()  # a thread pool with room for a burst of turns, and the interpreter lock handed over every 1 ms
         self.add_dynamic_items(ChoiceButton)  # story buttons keep working after a restart
         await self.tree.sync()
         owed = self.deliveries.resume()

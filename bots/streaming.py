@@ -31,7 +31,7 @@ WRITING_MARK = " ▌"  # shown at the end of a reply while it is still being wri
 EDIT_INTERVAL = 1.0  # seconds between edits of one message: the platforms' flood limits allow about this
 
 
-def widen_thread_pool() -> None:
+def prepare_bot_loop() -> None:
     """Give the running loop a default thread pool of REDIS_THREADS (`asyncio.to_thread` runs there), and hand the
     interpreter lock between threads every 1 ms instead of Python's 5: each bot calls this as its loop starts.
 

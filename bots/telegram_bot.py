@@ -26,7 +26,7 @@ from telegram.ext import (
     filters,
 )
 
-from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, split_text, status_lines, widen_thread_pool
+from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
 from shared.client import Owed, Submitted, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
@@ -416,7 +416,7 @@ class TelegramBot:
     # -- the application ----------------------------------------------------------------------------
 
     async def post_init(self, app: Application) -> None:
-        widen_thread_pool()  # the turns' Redis work runs in the loop's pool: room for a burst of them
+        prepare_bot_loop()  # a thread pool with room for a burst of turns, and the interpreter lock handed over every 1 ms
         await app.bot.set_my_commands([BotCommand(c, d) for c, d in COMMANDS])
         owed = self.deliveries.resume()
         if owed:

@@ -212,14 +212,14 @@ def test_a_bots_loop_runs_a_burst_of_redis_calls_at_once():
     (asyncio's default pool, the CPU count + 4 threads, would hold all but a few of them back)."""
     import threading
 
-    from bots.streaming import REDIS_THREADS, widen_thread_pool
+    from bots.streaming import REDIS_THREADS, prepare_bot_loop
 
     n = 40
     assert n <= REDIS_THREADS
     together = threading.Barrier(n, timeout=10)  # broken (an error) unless all n wait in it at once
 
     async def run() -> list[int]:
-        widen_thread_pool()
+        prepare_bot_loop()
         return await asyncio.gather(*(asyncio.to_thread(together.wait) for _ in range(n)))
 
     import sys
