@@ -154,23 +154,34 @@ class StreamHub:
     def subscribe(self, key: str, last: str = "0-0", loop: asyncio.AbstractEventLoop | None = None) -> Subscription | None:
         """Entries of `key` after `last` from now on; None when this hub already follows that stream. With `loop`,
         they reach that asyncio loop (`AsyncSubscription`): no thread per follower."""
+        sub, wake = self.join(key, last, loop)
+        if wake:
+            self.ring(sub)
+        return sub
+
+    def join(self, key: str, last: str = "0-0", loop: asyncio.AbstractEventLoop | None = None) -> tuple[Subscription | None, bool]:
+        """`subscribe` without Redis: the subscription, and whether the hub must be woken (`ring`) to read it, which
+        only a hub blocked in a read that lacks it needs (in a burst of replies, the first to join wakes it for the
+        rest). A coroutine joins from its loop's thread and rings from a worker thread only when it must."""
         sub = Subscription(key.encode(), last) if loop is None else AsyncSubscription(key.encode(), last, loop)
         with self.lock:
             if sub.key in self.subs:
-                return None
+                return None, False
             self.subs[sub.key] = sub
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="stream-hub", daemon=True)
                 self.thread.start()
             wake, self.asleep = self.asleep, False
             self.changed.notify()
-        if wake:
-            try:
-                self.wake.ring()
-            except BaseException:
-                self.unsubscribe(sub)
-                raise
-        return sub
+        return sub, wake
+
+    def ring(self, sub: Subscription | None) -> None:
+        """Wake the hub for `sub`, which joined while it was blocked; a failed wake-up takes `sub` out again."""
+        try:
+            self.wake.ring()
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
 
     def unsubscribe(self, sub: Subscription | None) -> None:
         if sub is not None:
@@ -551,8 +562,10 @@ class TurnClient:
         look-up, run in a worker thread."""
         loop = asyncio.get_running_loop()
         f = _Following(self, job_id, timeout, poll)
-        sub = await asyncio.to_thread(self.hub.subscribe, f.key, "0-0", loop)
+        sub, wake = self.hub.join(f.key, "0-0", loop)  # the hub's lock only: no round trip
         try:
+            if wake:
+                await asyncio.to_thread(self.hub.ring, sub)
             while True:
                 if isinstance(sub, AsyncSubscription):
                     entries = await sub.get_async(poll)
