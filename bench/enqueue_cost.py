@@ -1,6 +1,6 @@
 """What a chat turn's enqueue costs the client (the bots' `TurnClient.chat`), one at a time and in a burst.
 
-    python -m bench.enqueue_cost --turns 1000 --burst 16,64,256
+    python -m bench.enqueue_cost --turns 1000 --burst 16,64,256 [--bots]
 
 Starts a redis-server of its own (Unix socket). One at a time: `--turns` chat turns on as many channels,
 and per turn the wall time, the client's CPU time and the Redis commands it sent (counted by the
@@ -8,7 +8,10 @@ server). In a burst: N threads of one process (as `shallow bench` plays N channe
 at the same instant, and each turn's time from the burst's start until its job is in the queue, p50 and
 p95: what `shallow bench`'s enqueue column measures, without a worker or a model. No job is run. Each
 burst runs twice: first while redis-py's pool opens a connection for each new thread, then again with
-them open.
+them open. `--bots`: each burst instead goes as the chat bots send turns, one coroutine a channel in one asyncio
+loop through the bots' `Deliveries.submit` (its owed-reply record, the enqueue in a thread of the loop's pool;
+`--threads` and `--switch` set that pool's size and the interpreter's switch interval, by default the bots' own),
+timed from the instant the loop starts them all to each job's enqueue; its deliveries are not followed.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.enqueue_cost")
     p.add_argument("--turns", type=int, default=1000)
     p.add_argument("--burst", default="16,64,256", help="channels that send at the same instant, comma-separated")
+    p.add_argument("--bots", action="store_true", help="each burst from one asyncio loop, as the chat bots send turns")
+    p.add_argument("--threads", type=int, help="with --bots: the loop's thread pool (default: the bots' REDIS_THREADS)")
+    p.add_argument("--switch", type=float, help="with --bots: the interpreter's switch interval in seconds (default: the bots')")
     args = p.parse_args(argv)
     with own_redis("shallow-enqueue-") as url:
         import dataclasses
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             for when in ("first", "again"):  # first: the pool opens a connection per thread; again: they are open
                 opened = r.info("stats")["total_connections_received"]
-                times = burst(client, size, text, when)
+                times = (burst_as_bot(client, size, text, when, args.threads, args.switch) if args.bots
+                         else burst(client, size, text, when))
                 opened = r.info("stats")["total_connections_received"] - opened
                 print(f"burst of {size} ({when}, {opened} new connections): enqueued after p50 {pct(times, 50):.1f} ms, "
                       f"p95 {pct(times, 95):.1f} ms, the last {max(times):.1f} ms")
@@ -90,6 +97,53 @@ def burst(client, size: int, text: str, tag: str = "") -> list[float]:
         t.join()
     if errors:
         raise RuntimeError(f"{len(errors)} of {size} enqueues failed: {errors[0]!r}")
+    return times
+
+
+def burst_as_bot(client, size: int, text: str, tag: str = "", threads: int | None = None,
+                 switch: float | None = None) -> list[float]:
+    """`size` coroutines of one loop each send one chat turn through the bots' `Deliveries.submit`, started at the
+    same instant; ms from that instant to each one's enqueue (the job is queued when `submit` returns). No delivery
+    is spawned (nothing follows the replies), and the owed records are removed after."""
+    import asyncio
+    import sys
+
+    import bots.streaming as streaming
+
+    times: list[float] = [0.0] * size
+    refused: list[str] = []
+    deliveries = streaming.Deliveries(client, f"enqueue-cost-{tag}", lambda where: None)
+    deliveries._spawn = lambda job_id, where: None  # nothing is followed: only the enqueue is timed
+
+    async def one(i: int, start: float) -> None:
+        async def refuse(message: str) -> None:
+            refused.append(message)
+
+        def submit(job_id, owed):  # noqa: ANN001 - as a bot's turn method is called
+            return client.chat(f"bot-burst-{size}-{tag}-{i}", text, max_new_tokens=8, job_id=job_id, owed=owed)
+
+        await deliveries.submit(submit, {"channel": i}, refuse)
+        times[i] = (time.perf_counter() - start) * 1000
+
+    async def run() -> None:
+        pool, interval = streaming.REDIS_THREADS, streaming.SWITCH_INTERVAL
+        streaming.REDIS_THREADS = threads or pool
+        streaming.SWITCH_INTERVAL = switch or interval
+        try:
+            streaming.prepare_bot_loop()
+        finally:
+            streaming.REDIS_THREADS, streaming.SWITCH_INTERVAL = pool, interval
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i, start) for i in range(size)))
+
+    before = sys.getswitchinterval()
+    try:
+        asyncio.run(run())
+    finally:
+        sys.setswitchinterval(before)
+        client.r.delete(deliveries.pending.key)
+    if refused:
+        raise RuntimeError(f"{len(refused)} of {size} turns were refused: {refused[0]}")
     return times
 
 
