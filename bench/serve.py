@@ -160,6 +160,7 @@ SPLIT = ("rq_start", "before_model", "flush")  # what the worker reports (worker
 # done event appended, by its stream entry's id: the commit's transaction) and the delivery (appended -> the done
 # event read by the bench: the XREAD's wake-up and the bench's own reader)
 CLOCKED = ("enqueue", "commit", "delivery")
+HANDOVER = "commit + delivery"  # the two together, where the done event's stream entry is not seen (`--as-bot`)
 
 
 def overhead_split(turns: list[Turn]) -> dict[str, dict[str, float]]:
@@ -176,8 +177,12 @@ def overhead_split(turns: list[Turn]) -> dict[str, dict[str, float]]:
                        else None for t in measured]
     parts["delivery"] = [(t.done_wall * 1000 - t.done_entry_ms) if t.done_wall and t.done_entry_ms else None
                          for t in measured]
+    # played as a bot (`--as-bot`), the done event reaches the bench as the bots see it, without its stream entry:
+    # the commit and the delivery are one part there, the worker's clock at its commit to the final text shown
+    parts[HANDOVER] = [(t.done_wall * 1000 - t.pipeline_ms["sent_at"]) if t.done_wall and not t.done_entry_ms
+                       and "sent_at" in t.pipeline_ms else None for t in measured]
     parts["rest"] = [t.overhead * 1000 - sum(v for v in (*(t.pipeline_ms.get(n) for n in SPLIT),
-                                                         *(parts[n][i] for n in CLOCKED)) if v is not None)
+                                                         *(parts[n][i] for n in (*CLOCKED, HANDOVER))) if v is not None)
                      for i, t in enumerate(measured)]
     for name, values in parts.items():
         values = [v for v in values if v is not None]
@@ -189,7 +194,8 @@ def overhead_split(turns: list[Turn]) -> dict[str, dict[str, float]]:
 def split_table(rows: list[Row]) -> str:
     """Where the overhead went, per row that has the worker's split (end-to-end rows), and the load generator's
     own CPU (the share of a core each of its processes used over the row)."""
-    names = [*SPLIT, *CLOCKED, "rest"]
+    handover = any(HANDOVER in (row.extra.get("overhead_split_ms") or {}) for row in rows)
+    names = [*SPLIT, *CLOCKED, *((HANDOVER,) if handover else ()), "rest"]
     lines = ["| channels | " + " | ".join(f"{n} p50 / p95 ms" for n in names)
              + " | client processes | client CPU each | Redis CPU | Redis commands a turn |",
              "|" + "---|" * (len(names) + 5)]
@@ -459,7 +465,8 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
     pool) and is followed by the client's stream hub into a coroutine (`stream_reply`, pacing its edits as the
     bots do), shown on a surface that notes the moments instead of calling a platform. A turn's first token is
     the first text that surface is shown; its end, the final text. The done event's stream entry is not seen
-    there, so the commit and the delivery are not told apart (they stay in `rest`)."""
+    there, so the commit and the delivery are not told apart: one part, "commit + delivery", from the worker's
+    clock as it commits to the final text shown."""
     import asyncio
 
     from bots.streaming import REDIS_THREADS, Deliveries, prepare_bot_loop

@@ -126,9 +126,11 @@ def test_bench_runs_end_to_end_and_direct(env, tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["mode"] == "end-to-end, as a bot" and row["errors"] == 0 and row["tokens"] == 8 * 3
     assert row["ttft_p50_s"] > 0 and row["overhead_p50_ms"] is not None and row["queue_wait_p50_s"] is not None
-    split = row["extra"]["overhead_split_ms"]  # the done event's stream entry is not seen there: no commit or delivery
-    assert {"rq_start", "before_model", "enqueue", "rest"} <= set(split) and "delivery" not in split
-    assert "| end-to-end, as a bot | 3 |" in bot.stdout
+    split = row["extra"]["overhead_split_ms"]  # the done event's stream entry is not seen there: commit and delivery as one
+    assert {"rq_start", "before_model", "enqueue", "commit + delivery", "rest"} <= set(split), split
+    assert "delivery" not in split and "commit" not in split
+    assert split["commit + delivery"]["p50"] > 0  # the worker's clock at its commit -> the final text shown
+    assert "| end-to-end, as a bot | 3 |" in bot.stdout and "commit + delivery p50 / p95 ms" in bot.stdout
     direct = subprocess.run([*base, "--direct", "--channels", "2", "--json", str(out)],
                             env=environ, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert direct.returncode == 0, direct.stderr[-3000:]
