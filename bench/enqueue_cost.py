@@ -126,13 +126,7 @@ def burst_as_bot(client, size: int, text: str, tag: str = "", threads: int | Non
         times[i] = (time.perf_counter() - start) * 1000
 
     async def run() -> None:
-        pool, interval = streaming.REDIS_THREADS, streaming.SWITCH_INTERVAL
-        streaming.REDIS_THREADS = threads or pool
-        streaming.SWITCH_INTERVAL = switch or interval
-        try:
-            streaming.prepare_bot_loop()
-        finally:
-            streaming.REDIS_THREADS, streaming.SWITCH_INTERVAL = pool, interval
+        streaming.prepare_bot_loop(threads or streaming.REDIS_THREADS, switch or streaming.SWITCH_INTERVAL)
         start = time.perf_counter()
         await asyncio.gather(*(one(i, start) for i in range(size)))
 

@@ -31,18 +31,19 @@ WRITING_MARK = " ▌"  # shown at the end of a reply while it is still being wri
 EDIT_INTERVAL = 1.0  # seconds between edits of one message: the platforms' flood limits allow about this
 
 
-def prepare_bot_loop() -> None:
+def prepare_bot_loop(threads: int = REDIS_THREADS, switch: float = SWITCH_INTERVAL) -> None:
     """Give the running loop a default thread pool of REDIS_THREADS (`asyncio.to_thread` runs there), and hand the
     interpreter lock between threads every 1 ms instead of Python's 5: each bot calls this as its loop starts.
 
     The loop's thread is busy with every channel's events; a pool thread back from Redis waits for the lock until
     the running thread is made to yield, after each round trip of a turn. On the H200 host, 256 channels from
     one bot (`shallow bench --as-bot`, session 21) took 27.7 / 90.9 ms p50 / p95 to enqueue a turn with the 5 ms
-    interval, against 3.0 / 15.9 ms from a thread a channel. The worker does the same for its slots."""
+    interval, against 3.0 / 15.9 ms from a thread a channel. The worker does the same for its slots. `threads` and
+    `switch` are for measuring others (`python -m bench.enqueue_cost --bots`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=REDIS_THREADS, thread_name_prefix="redis"))
+    sys.setswitchinterval(switch)
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="redis"))
 
 
 def split_text(text: str, limit: int) -> list[str]:
