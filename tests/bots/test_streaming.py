@@ -239,3 +239,47 @@ def test_the_waiting_notice_counts_the_messages_ahead():
     assert waiting_text(Waiting(position=1, workers=1)) == "⏳ Queued: you are next."
     assert waiting_text(Waiting(position=3, workers=1)) == "⏳ Queued: 2 ahead of you."
     assert "No worker is running" in waiting_text(Waiting(position=3, workers=0))
+
+
+def test_a_follower_cancelled_while_it_wakes_the_hub_leaves_no_subscription(redis_proc, tmp_path):
+    """A reply's follower that joins a hub blocked in its read wakes it with a write; a bot stopping cancels the
+    follower. Here Redis holds every write (CLIENT PAUSE) while the follower wakes the hub, and the follower is
+    cancelled meanwhile: once the write goes through, the hub must not follow that stream any more. (Before
+    session 22 the whole subscribe ran in a worker thread, which a cancel did not stop: the stream stayed followed.)"""
+    import time
+    from dataclasses import replace
+
+    import redis as redis_py
+
+    from shared.client import TurnClient
+    from shared.protocol import stream_key
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    admin = redis_py.Redis.from_url(redis_proc.url)
+
+    async def run() -> None:
+        async def follow(job_id: str) -> None:
+            async for _ in client.follow_async(job_id, poll=5):
+                pass
+
+        first = asyncio.create_task(follow("first"))  # the hub starts, then blocks in its read with this stream
+        deadline = time.monotonic() + 5
+        while not client.hub.asleep:
+            assert time.monotonic() < deadline, "the hub never blocked in a read"
+            await asyncio.sleep(0.01)
+        admin.execute_command("CLIENT", "PAUSE", 800, "WRITE")  # the wake-up's XADD waits 0.8 s
+        second = asyncio.create_task(follow("second"))
+        await asyncio.sleep(0.2)  # joined, and waking the hub
+        assert stream_key("second").encode() in client.hub.subs
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        await asyncio.to_thread(time.sleep, 1.0)  # the pause ends and the wake-up's write goes through
+        assert stream_key("second").encode() not in client.hub.subs, "a cancelled follower left its stream followed"
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+    try:
+        asyncio.run(run())
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
