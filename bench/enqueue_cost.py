@@ -9,8 +9,9 @@ at the same instant, and each turn's time from the burst's start until its job i
 p95: what `shallow bench`'s enqueue column measures, without a worker or a model. No job is run. Each
 burst runs twice: first while redis-py's pool opens a connection for each new thread, then again with
 them open. `--bots`: each burst instead goes as the chat bots send turns, one coroutine a channel in one asyncio
-loop through the bots' `Deliveries.submit` (its owed-reply record, the enqueue in a thread of the loop's pool;
-`--threads` and `--switch` set that pool's size and the interpreter's switch interval, by default the bots' own),
+loop through the bots' `Deliveries.submit` (its owed-reply record, the enqueue in a thread of the loop's pool, the
+turns that wait meanwhile together; `--threads`, `--switch` and `--batch` set that pool's size, the interpreter's switch
+interval and the most turns of one enqueue, by default the bots' own),
 timed from the instant the loop starts them all to each job's enqueue; its deliveries are not followed.
 """
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bots", action="store_true", help="each burst from one asyncio loop, as the chat bots send turns")
     p.add_argument("--threads", type=int, help="with --bots: the loop's thread pool (default: the bots' REDIS_THREADS)")
     p.add_argument("--switch", type=float, help="with --bots: the interpreter's switch interval in seconds (default: the bots')")
+    p.add_argument("--batch", type=int, help="with --bots: the most turns one enqueue's round trips take (default: the bots' BATCH; "
+                   "1: a turn's own round trips, as before session 23)")
     args = p.parse_args(argv)
     with own_redis("shallow-enqueue-") as url:
         import dataclasses
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             for when in ("first", "again"):  # first: the pool opens a connection per thread; again: they are open
                 opened = r.info("stats")["total_connections_received"]
-                times = (burst_as_bot(client, size, text, when, args.threads, args.switch) if args.bots
+                times = (burst_as_bot(client, size, text, when, args.threads, args.switch, args.batch) if args.bots
                          else burst(client, size, text, when))
                 opened = r.info("stats")["total_connections_received"] - opened
                 print(f"burst of {size} ({when}, {opened} new connections): enqueued after p50 {pct(times, 50):.1f} ms, "
@@ -101,7 +104,7 @@ def burst(client, size: int, text: str, tag: str = "") -> list[float]:
 
 
 def burst_as_bot(client, size: int, text: str, tag: str = "", threads: int | None = None,
-                 switch: float | None = None) -> list[float]:
+                 switch: float | None = None, batch: int | None = None) -> list[float]:
     """`size` coroutines of one loop each send one chat turn through the bots' `Deliveries.submit`, started at the
     same instant; ms from that instant to each one's enqueue (the job is queued when `submit` returns). No delivery
     is spawned (nothing follows the replies), and the owed records are removed after."""
@@ -109,20 +112,18 @@ def burst_as_bot(client, size: int, text: str, tag: str = "", threads: int | Non
     import sys
 
     import bots.streaming as streaming
+    from shared.client import Turn
 
     times: list[float] = [0.0] * size
     refused: list[str] = []
-    deliveries = streaming.Deliveries(client, f"enqueue-cost-{tag}", lambda where: None)
+    deliveries = streaming.Deliveries(client, f"enqueue-cost-{tag}", lambda where: None, batch or streaming.BATCH)
     deliveries._spawn = lambda job_id, where: None  # nothing is followed: only the enqueue is timed
 
     async def one(i: int, start: float) -> None:
         async def refuse(message: str) -> None:
             refused.append(message)
 
-        def submit(job_id, owed):  # noqa: ANN001 - as a bot's turn method is called
-            return client.chat(f"bot-burst-{size}-{tag}-{i}", text, max_new_tokens=8, job_id=job_id, owed=owed)
-
-        await deliveries.submit(submit, {"channel": i}, refuse)
+        await deliveries.submit(Turn("chat", f"bot-burst-{size}-{tag}-{i}", text, max_new_tokens=8), {"channel": i}, refuse)
         times[i] = (time.perf_counter() - start) * 1000
 
     async def run() -> None:

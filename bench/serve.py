@@ -470,7 +470,7 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
     import asyncio
 
     from bots.streaming import REDIS_THREADS, Deliveries, prepare_bot_loop
-    from shared.client import TurnClient
+    from shared.client import Turn as ChatTurn, TurnClient
 
     client = TurnClient(settings)
     open_connections(client.r, min(len(channel_ids), REDIS_THREADS) + 4)  # the loop's thread pool, the hub and a few
@@ -515,20 +515,16 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
                 prompt = PROMPTS[(i + k) % len(PROMPTS)]
                 ended = asyncio.get_running_loop().create_future()
                 playing[key] = (turn, ended)
-                job: list[str] = []
+                job = ""
                 refused: list[str] = []
-
-                def submit(job_id: str, owed, channel=channel, prompt=prompt, job=job):  # noqa: ANN001 - shared.client.Owed
-                    job.append(job_id)
-                    return client.chat(channel, prompt, user="bench", job_id=job_id, max_new_tokens=new_tokens, ignore_eos=True,
-                                       owed=owed)
 
                 async def refuse(text: str, refused=refused) -> None:
                     refused.append(text)
 
                 turn.enqueued, turn.enqueued_wall = time.perf_counter(), time.time()
                 try:
-                    await deliveries.submit(submit, {"bench_turn": key}, refuse)
+                    job = await deliveries.submit(ChatTurn("chat", channel, prompt, "bench", max_new_tokens=new_tokens, ignore_eos=True),
+                                                  {"bench_turn": key}, refuse) or ""
                     if refused:
                         turn.error = refused[0]
                     else:
@@ -537,7 +533,7 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
                     turn.error = "timed out"
                 except Exception as exc:  # counted and shown, the run goes on
                     turn.error = f"{type(exc).__name__}: {exc}"
-                results.append((job[0] if job and not refused else "", turn))
+                results.append((job, turn))
         finally:
             await asyncio.to_thread(client.reset, channel)
 

@@ -20,7 +20,7 @@ import yarl
 from discord import app_commands
 
 from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
-from shared.client import Owed, Submitted, TurnClient
+from shared.client import Turn, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
 from shared.settings import Settings
@@ -179,12 +179,12 @@ class ShallowDiscord(discord.Client):
         return cooldown_left(self.r, f"shallow:dc:cool:{user_id}", self.dc.cooldown)
 
     async def start_turn(self, channel: discord.abc.Messageable, placeholder: discord.Message | None,
-                         submit: Callable[[str, Owed], Submitted], reference: discord.Message | None = None) -> None:
+                         turn: Turn, reference: discord.Message | None = None) -> None:
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         if placeholder is None:
             placeholder = await channel.send("⏳ …", reference=reference, mention_author=False)
         where = {"channel_id": placeholder.channel.id, "message_id": placeholder.id}
-        await self.deliveries.submit(submit, where, lambda text: placeholder.edit(content=text))
+        await self.deliveries.submit(turn, where, lambda text: placeholder.edit(content=text))
 
     def _surface(self, where: dict) -> DiscordSurface:
         def view(done: Done) -> discord.ui.View | None:
@@ -221,8 +221,7 @@ class ShallowDiscord(discord.Client):
             placeholder = response.resource if isinstance(response.resource, discord.InteractionMessage) else None
             if placeholder is None:
                 placeholder = await interaction.original_response()
-            await self.start_turn(interaction.channel, placeholder,
-                                  lambda job_id, owed: self.turns.start_story(channel, title, user=str(interaction.user.id), job_id=job_id, owed=owed))
+            await self.start_turn(interaction.channel, placeholder, Turn("story", channel, title, str(interaction.user.id)))
 
         @story.command(name="end", description="End the story in this channel")
         async def story_end(interaction: discord.Interaction) -> None:
@@ -329,8 +328,7 @@ class ShallowDiscord(discord.Client):
             await message.reply(str(exc), mention_author=False)
             return
         channel = self.channel_key(message.channel.id)
-        await self.start_turn(message.channel, None, lambda job_id, owed: self.turns.say(channel, text, user=str(message.author.id), job_id=job_id, owed=owed),
-                              reference=message)
+        await self.start_turn(message.channel, None, Turn("say", channel, text, str(message.author.id)), reference=message)
 
     async def on_choice(self, interaction: discord.Interaction, session_id: str, turn: int, n: int) -> None:
         """A story button: acknowledged at once (its buttons removed), then the story goes on."""
@@ -354,7 +352,7 @@ class ShallowDiscord(discord.Client):
         content = ((interaction.message.content if interaction.message else "") + f"\n\n▶ {n}. {choice}")[-MESSAGE_LIMIT:]
         await interaction.response.edit_message(content=content, view=None)
         self.turns.store.set_mode(channel, Mode.STORY)
-        await self.start_turn(interaction.channel, None, lambda job_id, owed: self.turns.say(channel, str(n), user=str(interaction.user.id), job_id=job_id, owed=owed))
+        await self.start_turn(interaction.channel, None, Turn("say", channel, str(n), str(interaction.user.id)))
 
 
 def run(settings: Settings) -> int:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import redis
 
-from shared.client import FollowEvent, Owed, ReplyText, Submitted, TurnClient, Waiting
+from shared.client import FollowEvent, Owed, ReplyText, Submitted, Turn, TurnClient, Waiting
 from shared.errors import BadInput, ChannelBusy, ConfigError
 from shared.protocol import Chunk, Done, Error, Start, new_id
 
@@ -29,6 +29,7 @@ REDIS_THREADS = 64
 SWITCH_INTERVAL = 0.001  # seconds a thread may hold the interpreter lock while others wait (Python's default: 0.005)
 WRITING_MARK = " ▌"  # shown at the end of a reply while it is still being written
 EDIT_INTERVAL = 1.0  # seconds between edits of one message: the platforms' flood limits allow about this
+BATCH = 64  # the most turns a bot sends to Redis in one enqueue's round trips
 
 
 def prepare_bot_loop(threads: int = REDIS_THREADS, switch: float = SWITCH_INTERVAL) -> None:
@@ -188,8 +189,8 @@ class PendingReplies:
     def record(where: dict[str, Any], since: float) -> str:
         return json.dumps({"where": where, "since": since})
 
-    def done(self, job_id: str) -> None:
-        self.r.hdel(self.key, job_id)
+    def done(self, *job_ids: str) -> None:
+        self.r.hdel(self.key, *job_ids)
 
     def all(self) -> list[PendingReply]:
         out = []
@@ -202,43 +203,84 @@ class PendingReplies:
 class Deliveries:
     """The replies a bot owes: kept in Redis while owed, each delivered by a task that follows its stream."""
 
-    def __init__(self, client: TurnClient, platform: str, surface_for: Callable[[dict[str, Any]], Surface]) -> None:
+    def __init__(self, client: TurnClient, platform: str, surface_for: Callable[[dict[str, Any]], Surface],
+                 batch: int = BATCH) -> None:
         self.client = client
         self.pending = PendingReplies(client, platform)
         self.surface_for = surface_for  # where (platform ids, session, turn) -> the Surface to show it on
         self.tasks: set[asyncio.Task] = set()  # held so that running deliveries are not garbage-collected
+        self.batch = batch  # the most turns one enqueue's round trips take
+        self._waiting: list[tuple[Turn, str, Owed, asyncio.Future]] = []  # turns not yet handed to the sender
+        self._sender: asyncio.Task | None = None
 
-    async def submit(self, submit: Callable[[str, Owed], Submitted], where: dict[str, Any],
-                     refuse: Callable[[str], Awaitable[Any]]) -> None:
-        """Enqueue a turn (submit(job_id, owed): a `TurnClient` turn method given both) whose placeholder is at
-        `where`; a refusal goes to `refuse`.
+    async def submit(self, turn: Turn, where: dict[str, Any], refuse: Callable[[str], Awaitable[Any]]) -> str | None:
+        """Enqueue a turn whose placeholder is at `where`; a refusal goes to `refuse`. The job's id, None if refused.
 
         The reply is recorded as owed before the job is enqueued (with the claim of the channel), and the record
         gains the reply's session in the job's own transaction, so a bot killed at any point after this starts
-        delivers it (or says it was lost) when it comes back. The turn runs in a worker thread: its round trips
-        to Redis keep the bot's loop, which every channel shares, waiting for none of them (before session 21
-        the record was written from the loop, in two round trips of its own)."""
+        delivers it (or says it was lost) when it comes back. The turns go to Redis from a worker thread, so the
+        bot's loop, which every channel shares, waits for none of their round trips (before session 21 the record
+        was written from the loop, in two round trips of its own); and the turns that arrive while others are on
+        their way go together in the next round trips (`TurnClient.submit_many`): a burst of turns costs a few
+        round trips, not two a turn."""
         job_id = new_id()
         since = time.time()
         owed = Owed(key=self.pending.key, first=self.pending.record(where, since),
                     then=lambda sub: self.pending.record(self._located(where, sub), since))
+        loop = asyncio.get_running_loop()
+        enqueued = loop.create_future()
+        self._waiting.append((turn, job_id, owed, enqueued))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send(), name="enqueue")
         try:
-            sub = await asyncio.to_thread(self._enqueue, submit, job_id, owed)
+            sub = await enqueued
         except (BadInput, ChannelBusy) as exc:
             await refuse(str(exc))
-            return
+            return None
         self._spawn(sub.job_id, self._located(where, sub))
+        return sub.job_id
+
+    async def _send(self) -> None:
+        """Hand the waiting turns to a worker thread, up to `batch` at a time, until none wait (one batch in
+        Redis at a time: those that come meanwhile make the next)."""
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self.batch], self._waiting[self.batch :]
+                try:
+                    results = await asyncio.to_thread(self._enqueue, batch)
+                except asyncio.CancelledError:  # the bot is stopping: what was sent stays owed
+                    for *_, enqueued in batch:
+                        enqueued.cancel()
+                    raise
+                except Exception as exc:  # a failure outside any one turn: each turn of the batch fails with it
+                    logger.exception("enqueueing %d turns failed", len(batch))
+                    results = [exc] * len(batch)
+                for (*_, enqueued), result in zip(batch, results):
+                    if enqueued.done():  # its submit was cancelled: the turn stays owed, delivered after a restart
+                        continue
+                    if isinstance(result, BaseException):
+                        enqueued.set_exception(result)
+                    else:
+                        enqueued.set_result(result)
+        finally:
+            self._sender = None
+            for *_, enqueued in self._waiting:  # only when the sender was cancelled: the bot is stopping
+                enqueued.cancel()
+            self._waiting = []
 
     @staticmethod
     def _located(where: dict[str, Any], sub: Submitted) -> dict[str, Any]:
         return dict(where, session_id=sub.session.id, turn=sub.session.turns + 1)
 
-    def _enqueue(self, submit: Callable[[str, Owed], Submitted], job_id: str, owed: Owed) -> Submitted:
-        try:
-            return submit(job_id, owed)
-        except BaseException:
-            self.pending.done(job_id)  # refused or failed: nothing is owed (and nothing was enqueued)
-            raise
+    def _enqueue(self, batch: list[tuple[Turn, str, Owed, asyncio.Future]]) -> list[Submitted | Exception]:
+        results = self.client.submit_many([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
+        unowed = [job_id for (_, job_id, *_), result in zip(batch, results) if isinstance(result, BaseException)]
+        if unowed:  # refused or failed: nothing is owed (and nothing was enqueued)
+            try:
+                self.pending.done(*unowed)
+            except redis.RedisError:
+                logger.warning("could not remove the owed records of %d refused turns", len(unowed), exc_info=True)
+        return results
 
     def resume(self) -> int:
         """Deliver what was owed when the bot last stopped. Returns how many."""

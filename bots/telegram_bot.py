@@ -27,7 +27,7 @@ from telegram.ext import (
 )
 
 from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
-from shared.client import Owed, Submitted, TurnClient
+from shared.client import Turn, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
 from shared.settings import Settings
@@ -231,11 +231,11 @@ class TelegramBot:
             return False
         return True
 
-    async def _start_turn(self, message: Message, submit: Callable[[str, Owed], Submitted]) -> None:
+    async def _start_turn(self, message: Message, turn: Turn) -> None:
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         placeholder = await message.reply_text("⏳ …")
         where = {"chat_id": placeholder.chat_id, "message_id": placeholder.message_id}
-        await self.deliveries.submit(submit, where, placeholder.edit_text)
+        await self.deliveries.submit(turn, where, placeholder.edit_text)
 
     def _surface(self, where: dict) -> TelegramSurface:
         def keyboard(done: Done) -> InlineKeyboardMarkup | None:
@@ -276,7 +276,7 @@ class TelegramBot:
         except BadInput as exc:
             await msg.reply_text(str(exc))
             return
-        await self._start_turn(msg, lambda job_id, owed: self.client.start_story(channel, title, user=_user(update), job_id=job_id, owed=owed))
+        await self._start_turn(msg, Turn("story", channel, title, _user(update)))
 
     async def end(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/end: end the story."""
@@ -354,14 +354,14 @@ class TelegramBot:
                 self.r.set(f"shallow:tg:title:{msg.chat_id}", 1, ex=AWAIT_TITLE_TTL)
                 await msg.reply_text(f"{exc}")
                 return
-            await self._start_turn(msg, lambda job_id, owed: self.client.start_story(channel, text, user=_user(update), job_id=job_id, owed=owed))
+            await self._start_turn(msg, Turn("story", channel, text, _user(update)))
             return
         try:
             self.client.clean_text(text)
         except BadInput as exc:
             await msg.reply_text(str(exc))
             return
-        await self._start_turn(msg, lambda job_id, owed: self.client.say(channel, text, user=_user(update), job_id=job_id, owed=owed))
+        await self._start_turn(msg, Turn("say", channel, text, _user(update)))
 
     async def not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Stickers, photos, voice, files: explain that only text is read."""
@@ -402,7 +402,7 @@ class TelegramBot:
         await query.answer(f"You chose: {story.choices[choice_no - 1]}"[:190])
         await _drop_keyboard(query, f"▶ {choice_no}. {story.choices[choice_no - 1]}")
         self.client.store.set_mode(channel, Mode.STORY)
-        await self._start_turn(query.message, lambda job_id, owed: self.client.say(channel, str(choice_no), user=_user(update), job_id=job_id, owed=owed))
+        await self._start_turn(query.message, Turn("say", channel, str(choice_no), _user(update)))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log every handler error with its traceback; the user gets a short apology, never the traceback."""

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -64,6 +64,44 @@ class Owed:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """A turn to submit (`TurnClient.submit`): a message (`say`: a chat turn, or the next action of the channel's
+    story), a chat turn whatever the channel's mode (`chat`), or a new story from its title (`story`)."""
+
+    kind: str  # "say" | "chat" | "story"
+    channel: str
+    text: str | None  # the message, or the story's title
+    user: str | None = None
+    reply_to: dict | None = None
+    max_new_tokens: int | None = None  # `chat` only: a reply's fixed length (`shallow bench`)
+    ignore_eos: bool = False
+
+
+@dataclass
+class _Plan:
+    """What a turn writes (`TurnClient._plan`), once its channel is read."""
+
+    session: Session
+    text: str
+    user_text: str
+    user: str | None
+    reply_to: dict | None
+    job_id: str
+    claimed_by: str | None
+    kept: tuple[Mode, ...]
+    owed: Owed | None
+    new_session: bool = False
+    set_mode: bool = False
+    max_new_tokens: int | None = None
+    ignore_eos: bool = False
+
+
+def _first_record(job_id: str, owed: Owed | None) -> Callable | None:
+    """An `Owed` record's first write, for `SessionStore.open_turns`."""
+    return None if owed is None else (lambda p: p.hset(owed.key, job_id, owed.first))
+
+
+@dataclass(frozen=True)
 class Waiting:
     """Not on the wire: what a follower sees while the job has not started. position is 1 for next."""
 
@@ -89,9 +127,6 @@ class ReplyText:
         elif isinstance(event, Done):
             self.text = event.text
         return self.text
-
-
-_NOT_CLAIMED = object()  # _submit's claimed_by when nothing has tried to claim the channel yet
 
 
 
@@ -390,20 +425,14 @@ class TurnClient:
     # it enqueues (so that a crash in between loses nothing), in the turn's own round trips, under an id it chose.
 
     # A message or a new story takes two round trips to Redis: the channel's mode, sessions and the claim of
-    # its turn in one (`SessionStore.open_turn`), then the job with the session's lease (and a new session, or
-    # the mode) in one transaction. (A message took four: the mode, the session, the claim, the job.)
+    # its turn in one (`SessionStore.open_turns`), then the job with the session's lease (and a new session, or
+    # the mode) in one transaction. (A message took four: the mode, the session, the claim, the job.) Several
+    # turns, of any channels, take the same two (`submit_many`): a bot's burst of turns goes in a few round trips.
 
     def say(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
             job_id: str | None = None, owed: Owed | None = None) -> Submitted:
         """A message in the channel: a chat turn, or the next action of the channel's story."""
-        text = self.clean_text(text)
-        job_id = job_id or new_id()
-        view = self._open_turn(channel, job_id, owed)
-        if view.mode is Mode.STORY and view.story is not None:
-            story = view.story
-            return self._submit(channel, story, story_action(text, story.choices), text, user, reply_to, job_id,
-                                claimed_by=view.claimed_by, kept=view.kept(), owed=owed)
-        return self._chat_turn(channel, view, text, user, reply_to, job_id, owed=owed)  # a story that expired: back to chat
+        return self.submit(Turn("say", channel, text, user, reply_to), job_id=job_id, owed=owed)
 
     def chat(self, channel: str, text: str | None, *, user: str | None = None, reply_to: dict | None = None,
              job_id: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
@@ -412,38 +441,73 @@ class TurnClient:
 
         max_new_tokens (at most the worker's own limit) and ignore_eos fix a reply's length: `shallow bench`.
         """
-        text = self.clean_text(text)
-        job_id = job_id or new_id()
-        view = self._open_turn(channel, job_id, owed)
-        return self._chat_turn(channel, view, text, user, reply_to, job_id, max_new_tokens=max_new_tokens,
-                               ignore_eos=ignore_eos, owed=owed)
+        return self.submit(Turn("chat", channel, text, user, reply_to, max_new_tokens, ignore_eos), job_id=job_id, owed=owed)
 
-    def _open_turn(self, channel: str, job_id: str, owed: Owed | None) -> TurnView:
-        also = None if owed is None else (lambda p: p.hset(owed.key, job_id, owed.first))
-        return self.store.open_turn(channel, job_id, self._hold(), also=also)
+    def start_story(self, channel: str, title: str | None, *, user: str | None = None, reply_to: dict | None = None,
+                    job_id: str | None = None, owed: Owed | None = None) -> Submitted:
+        """A new story from its title; its first passage is the reply. A busy channel keeps its story: refused."""
+        return self.submit(Turn("story", channel, title, user, reply_to), job_id=job_id, owed=owed)
 
-    def _chat_turn(self, channel: str, view: TurnView, text: str, user: str | None, reply_to: dict | None, job_id: str,
-                   **limits) -> Submitted:
-        """A chat turn in the channel's chat session; the session is made (with the job) on first use, and
-        the channel's mode becomes chat."""
-        session = view.chat or Session.new(channel, Mode.CHAT)
-        return self._submit(channel, session, text, text, user, reply_to, job_id, claimed_by=view.claimed_by,
-                            new_session=view.chat is None, set_mode=view.mode is not Mode.CHAT, kept=view.kept(), **limits)
+    def submit(self, turn: Turn, *, job_id: str | None = None, owed: Owed | None = None) -> Submitted:
+        """One turn; BadInput or ChannelBusy (or Redis' error) when it is refused."""
+        (result,) = self.submit_many([turn], [job_id or new_id()], [owed])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def submit_many(self, turns: Sequence[Turn], job_ids: Sequence[str],
+                    owed: Sequence[Owed | None]) -> list[Submitted | Exception]:
+        """Several turns in the round trips of one: what each became, in order; a refused or failed turn's
+        exception (BadInput, ChannelBusy, Redis' error) in its place, the others enqueued all the same.
+
+        A turn whose channel another job holds (or a turn earlier in the list) is settled after the others are
+        enqueued, in round trips of its own: refused while that job is in flight, enqueued when it has ended."""
+        results: list[Submitted | Exception | None] = [None] * len(turns)
+        texts: list[str] = [""] * len(turns)
+        for i, turn in enumerate(turns):
+            try:
+                texts[i] = self.clean_title(turn.text) if turn.kind == "story" else self.clean_text(turn.text)
+            except BadInput as exc:
+                results[i] = exc
+        live = [i for i in range(len(turns)) if results[i] is None]
+        hold = self._hold()
+        try:
+            views = self.store.open_turns([(turns[i].channel, job_ids[i], hold, _first_record(job_ids[i], owed[i]))
+                                           for i in live]) if live else []
+        except redis.RedisError as exc:
+            return [exc if r is None else r for r in results]
+        plans = [(i, self._plan(turns[i], texts[i], job_ids[i], view, owed[i])) for i, view in zip(live, views)]
+        free = [(i, plan) for i, plan in plans if plan.claimed_by is None]
+        for (i, _), result in zip(free, self._write_all([plan for _, plan in free])):
+            results[i] = result
+        for i, plan in plans:
+            if plan.claimed_by is not None:
+                try:
+                    self._claim(plan)
+                    (results[i],) = self._write_all([plan])
+                except (ChannelBusy, redis.RedisError) as exc:
+                    results[i] = exc
+        return results  # type: ignore[return-value]  # every place is filled
+
+    def _plan(self, turn: Turn, text: str, job_id: str, view: TurnView, owed: Owed | None) -> _Plan:
+        """What the turn writes, from its channel as `open_turns` found it."""
+        limits = {"max_new_tokens": turn.max_new_tokens, "ignore_eos": turn.ignore_eos}
+        common = {"user": turn.user, "reply_to": turn.reply_to, "job_id": job_id, "claimed_by": view.claimed_by,
+                  "kept": view.kept(), "owed": owed}
+        if turn.kind == "story":
+            return _Plan(Session.new(turn.channel, Mode.STORY, text), "", f"/story {text}", new_session=True, **common)
+        if turn.kind == "say" and view.mode is Mode.STORY and view.story is not None:
+            story = view.story
+            return _Plan(story, story_action(text, story.choices), text, **common)
+        # a chat turn (or a message in a channel whose story expired: back to chat) in the channel's chat session;
+        # the session is made (with the job) on first use, and the channel's mode becomes chat
+        return _Plan(view.chat or Session.new(turn.channel, Mode.CHAT), text, text, new_session=view.chat is None,
+                     set_mode=view.mode is not Mode.CHAT, **limits, **common)
 
     def _hold(self) -> int:
         """How long a turn's claim of its channel lasts: past every attempt of its job, then it lapses."""
         s = self.settings
         return s.job_timeout * (s.job_retries + 1) + 120
-
-    def start_story(self, channel: str, title: str | None, *, user: str | None = None, reply_to: dict | None = None,
-                    job_id: str | None = None, owed: Owed | None = None) -> Submitted:
-        """A new story from its title; its first passage is the reply."""
-        title = self.clean_title(title)
-        job_id = job_id or new_id()
-        view = self._open_turn(channel, job_id, owed)  # a busy channel keeps its story: refused first
-        story = Session.new(channel, Mode.STORY, title)
-        return self._submit(channel, story, "", f"/story {title}", user, reply_to, job_id, claimed_by=view.claimed_by,
-                            new_session=True, kept=view.kept(), owed=owed)
 
     def end_story(self, channel: str) -> Session | None:
         return self.store.end_story(channel)
@@ -464,67 +528,73 @@ class TurnClient:
             return not self.r.exists(stream_key(job_id))  # gone and never started: a stale claim
         return job.get_status() in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, JobStatus.FINISHED)
 
-    def _submit(
-        self, channel: str, session: Session, text: str, user_text: str, user: str | None, reply_to: dict | None,
-        job_id: str | None = None, *, max_new_tokens: int | None = None, ignore_eos: bool = False,
-        claimed_by: str | None | object = _NOT_CLAIMED, new_session: bool = False, set_mode: bool = False,
-        kept: tuple[Mode, ...] | None = None, owed: Owed | None = None,
-    ) -> Submitted:
-        """Enqueue the turn. claimed_by: what `open_turn` found (None: the claim is ours), else it is claimed here;
-        new_session: write `session` with the job; set_mode: make `session.mode` the channel's mode with it;
-        kept: the channel's sessions that exist (`TurnView.kept`), whose keys get a new lease (None: every mode's);
-        owed: its record's second value, written in the job's transaction."""
-        s = self.settings
-        request = TurnRequest(
-            channel=channel,
-            mode=session.mode,
-            session_id=session.id,
-            text=text,
-            user_text=user_text,
-            job_id=job_id or new_id(),
-            title=session.title,
-            user=user,
-            reply_to=reply_to or {},
-            max_new_tokens=max_new_tokens,
-            ignore_eos=ignore_eos,
-        )
-        hold = self._hold()
-        current = self.store.claim_turn(channel, request.job_id, hold) if claimed_by is _NOT_CLAIMED else claimed_by
+    def _claim(self, plan: _Plan) -> None:
+        """Claim the channel for a turn that found it held: ChannelBusy while the holder is in flight."""
+        channel, job_id, hold = plan.session.channel, plan.job_id, self._hold()
+        current = plan.claimed_by
         if current == "":  # the holder let go between open_turn's claim and its read: claim again
-            current = self.store.claim_turn(channel, request.job_id, hold)
+            current = self.store.claim_turn(channel, job_id, hold)
         if current is not None:
             if not self._settled(current):
                 raise ChannelBusy("The bot is still writing its last reply here; wait for it, or cancel it.", current)
             self.store.release_turn(channel, current)
-            if self.store.claim_turn(channel, request.job_id, hold) is not None:
+            if self.store.claim_turn(channel, job_id, hold) is not None:
                 raise ChannelBusy("Another message got here first; try again in a moment.", current)
-        with self.r.pipeline() as p:  # the job and the session's new lease in one transaction, one round trip
-            self.queue.enqueue(
-                JOB_FUNCTION,
-                request.to_json(),
-                job_id=request.job_id,
-                job_timeout=s.job_timeout,
-                retry=Retry(max=s.job_retries, enqueue_at_front=True) if s.job_retries else None,
-                result_ttl=s.stream_ttl,
-                failure_ttl=s.session_ttl,
-                description=f"{session.mode.value} turn in {channel}",
-                pipeline=p,
-            )
-            if new_session:  # after RQ's commands: it starts the transaction (MULTI) itself
-                self.store.write_new(session, p)
-            elif set_mode:
-                self.store.set_mode(channel, session.mode, pipeline=p)
-            # a new lease for the keys that exist and were not just written with one (an EXPIRE of a key that is
-            # not there does nothing: a chat turn in a channel without a story sends 3 EXPIREs, not 5 and a SET)
-            modes = tuple(Mode) if kept is None else kept
-            self.store.touch(channel, pipeline=p, modes=tuple(m for m in modes if not (new_session and m is session.mode)),
-                             mode_key=not (new_session or set_mode))
-            submitted = Submitted(job_id=request.job_id, request=request, session=session)
-            if owed is not None:
-                p.hset(owed.key, request.job_id, owed.then(submitted))
-            p.execute()
-        logger.info("enqueued job %s: %s turn in %s", request.job_id, session.mode.value, channel)
-        return submitted
+
+    def _write_all(self, plans: list[_Plan]) -> list[Submitted | Exception]:
+        """Enqueue the turns, each job with its session's new lease (and a new session, or the mode, and its owed
+        record), all in one transaction, one round trip; a turn whose commands failed gets the first error."""
+        if not plans:
+            return []
+        s = self.settings
+        spans = []
+        try:
+            with self.r.pipeline() as p:
+                p.multi()  # RQ's enqueue starts the transaction when nothing has: here, for all the turns
+                for plan in plans:
+                    start = len(p.command_stack)
+                    session = plan.session
+                    request = TurnRequest(
+                        channel=session.channel, mode=session.mode, session_id=session.id, text=plan.text,
+                        user_text=plan.user_text, job_id=plan.job_id, title=session.title, user=plan.user,
+                        reply_to=plan.reply_to or {}, max_new_tokens=plan.max_new_tokens, ignore_eos=plan.ignore_eos,
+                    )
+                    self.queue.enqueue(
+                        JOB_FUNCTION,
+                        request.to_json(),
+                        job_id=request.job_id,
+                        job_timeout=s.job_timeout,
+                        retry=Retry(max=s.job_retries, enqueue_at_front=True) if s.job_retries else None,
+                        result_ttl=s.stream_ttl,
+                        failure_ttl=s.session_ttl,
+                        description=f"{session.mode.value} turn in {session.channel}",
+                        pipeline=p,
+                    )
+                    if plan.new_session:
+                        self.store.write_new(session, p)
+                    elif plan.set_mode:
+                        self.store.set_mode(session.channel, session.mode, pipeline=p)
+                    # a new lease for the keys that exist and were not just written with one (an EXPIRE of a key
+                    # that is not there does nothing: a chat turn in a channel without a story sends 3 EXPIREs,
+                    # not 5 and a SET)
+                    self.store.touch(session.channel, pipeline=p,
+                                     modes=tuple(m for m in plan.kept if not (plan.new_session and m is session.mode)),
+                                     mode_key=not (plan.new_session or plan.set_mode))
+                    submitted = Submitted(job_id=request.job_id, request=request, session=session)
+                    if plan.owed is not None:
+                        p.hset(plan.owed.key, request.job_id, plan.owed.then(submitted))
+                    spans.append((start, len(p.command_stack), submitted))
+                replies = p.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            return [exc] * len(plans)
+        results: list[Submitted | Exception] = []
+        for start, end, submitted in spans:
+            error = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
+            if error is None:
+                logger.info("enqueued job %s: %s turn in %s", submitted.job_id, submitted.session.mode.value,
+                            submitted.session.channel)
+            results.append(error or submitted)
+        return results
 
     # -- following ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis
@@ -154,22 +155,34 @@ class SessionStore:
         """One round trip for a message: the channel's mode, its chat and story sessions, and the claim of the
         channel's turn for `job_id` (held `hold` seconds; `claimed_by` names the job already there, if any).
         also(pipeline): commands of the caller's, sent first in the same round trip."""
-        inflight = _key(channel, "inflight")
+        return self.open_turns([(channel, job_id, hold, also)])[0]
+
+    def open_turns(self, turns: Sequence[tuple[str, str, int, Callable | None]]) -> list[TurnView]:
+        """`open_turn` for several turns (channel, job_id, hold, also) in one round trip. Two turns of one channel:
+        the first in the list claims it, and the second finds it claimed by the first."""
+        ends = []
         with self.r.pipeline(transaction=False) as p:
-            if also is not None:
-                also(p)
-            p.get(_key(channel, "mode"))
-            p.hgetall(_key(channel, Mode.CHAT.value))
-            p.hgetall(_key(channel, Mode.STORY.value))
-            p.set(inflight, job_id, nx=True, ex=hold)
-            p.get(inflight)
-            mode, chat, story, claimed, holder = p.execute()[-5:]
-        return TurnView(
-            mode=Mode(mode.decode()) if mode else Mode.CHAT,
-            chat=self._session(channel, Mode.CHAT, chat),
-            story=self._session(channel, Mode.STORY, story),
-            claimed_by=None if claimed else (holder.decode() if holder else ""),
-        )
+            for channel, job_id, hold, also in turns:
+                if also is not None:
+                    also(p)
+                inflight = _key(channel, "inflight")
+                p.get(_key(channel, "mode"))
+                p.hgetall(_key(channel, Mode.CHAT.value))
+                p.hgetall(_key(channel, Mode.STORY.value))
+                p.set(inflight, job_id, nx=True, ex=hold)
+                p.get(inflight)
+                ends.append(len(p.command_stack))
+            replies = p.execute()
+        views = []
+        for (channel, *_), end in zip(turns, ends):
+            mode, chat, story, claimed, holder = replies[end - 5 : end]
+            views.append(TurnView(
+                mode=Mode(mode.decode()) if mode else Mode.CHAT,
+                chat=self._session(channel, Mode.CHAT, chat),
+                story=self._session(channel, Mode.STORY, story),
+                claimed_by=None if claimed else (holder.decode() if holder else ""),
+            ))
+        return views
 
     def end_story(self, channel: str) -> Session | None:
         """End the channel's story; returns it, or None when there was none. The channel goes back to chat."""

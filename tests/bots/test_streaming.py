@@ -72,7 +72,7 @@ def test_a_reply_is_recorded_as_owed_before_its_job_is_enqueued(redis_proc, tmp_
     from dataclasses import replace
 
     from bots.streaming import Deliveries
-    from shared.client import TurnClient
+    from shared.client import Turn, TurnClient
     from shared.settings import Settings
 
     client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
@@ -99,10 +99,10 @@ def test_a_reply_is_recorded_as_owed_before_its_job_is_enqueued(redis_proc, tmp_
 
     async def run() -> None:
         deliveries._spawn = lambda job_id, where: seen.setdefault("spawned", (job_id, where))  # no follower here
-        await deliveries.submit(lambda job_id, owed: client.say("test:1", "hello", job_id=job_id, owed=owed), {"chat": 1}, refuse)
-        await deliveries.submit(lambda job_id, owed: client.say("test:2", "   ", job_id=job_id, owed=owed), {"chat": 2}, refuse)
+        await deliveries.submit(Turn("say", "test:1", "hello"), {"chat": 1}, refuse)
+        await deliveries.submit(Turn("say", "test:2", "   "), {"chat": 2}, refuse)
         # the first turn's reply is still to be written (no worker here): its channel is busy
-        await deliveries.submit(lambda job_id, owed: client.say("test:1", "again", job_id=job_id, owed=owed), {"chat": 1}, refuse)
+        await deliveries.submit(Turn("say", "test:1", "again"), {"chat": 1}, refuse)
 
     asyncio.run(run())
     client.r.get("shallow:stop-watching")
@@ -131,7 +131,7 @@ def test_a_turns_records_are_written_off_the_bots_loop(redis_proc, tmp_path):
     from dataclasses import replace
 
     from bots.streaming import Deliveries
-    from shared.client import TurnClient
+    from shared.client import Turn, TurnClient
     from shared.settings import Settings
 
     client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
@@ -159,7 +159,7 @@ def test_a_turns_records_are_written_off_the_bots_loop(redis_proc, tmp_path):
         await asyncio.sleep(0.05)
         client.r.execute_command("CLIENT", "PAUSE", 600, "WRITE")
         paused = time.monotonic()
-        await deliveries.submit(lambda job_id, owed: client.say("test:paused", "hello", job_id=job_id, owed=owed), {"chat": 9}, refuse)
+        await deliveries.submit(Turn("say", "test:paused", "hello"), {"chat": 9}, refuse)
         assert time.monotonic() - paused >= 0.5  # the pause held the writes
         submitted.set()
         await ticker
@@ -169,6 +169,48 @@ def test_a_turns_records_are_written_off_the_bots_loop(redis_proc, tmp_path):
     assert spawned and not refused
     assert {p.job_id for p in deliveries.pending.all()} == set(spawned)
     assert worst < 0.3, f"the bot's loop stood still {worst:.2f} s while the turn's records were written"
+
+
+def test_turns_that_arrive_while_others_are_on_their_way_go_to_redis_together(redis_proc, tmp_path):
+    """A bot's burst of turns costs a few round trips, not two a turn: while one turn's are held in Redis (CLIENT
+    PAUSE WRITE, 0.5 s) 24 more arrive from other channels, one of them empty; they go together, in one
+    transaction (before session 23, each turn had one of its own: 25 here). Each turn still ends on its own:
+    the empty one refused, the rest enqueued and owed."""
+    from dataclasses import replace
+
+    from bots.streaming import Deliveries
+    from shared.client import Turn, TurnClient
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    client.say("test:warm", "hello")  # RQ reads the server's version once per queue, on its first job
+    deliveries = Deliveries(client, "test", surface_for=lambda where: None)
+    spawned: dict[int, str] = {}
+    refused: list[str] = []
+
+    async def run() -> None:
+        deliveries._spawn = lambda job_id, where: spawned.setdefault(where["chat"], job_id)  # no follower here
+
+        async def one(i: int, text: str) -> str | None:
+            async def refuse(message: str) -> None:
+                refused.append(message)
+
+            return await deliveries.submit(Turn("say", f"test:burst{i}", text), {"chat": i}, refuse)
+
+        client.r.config_resetstat()
+        client.r.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+        first = asyncio.create_task(one(0, "hello"))
+        await asyncio.sleep(0.2)  # its round trips are held: the others queue behind them
+        rest = [one(i, "   " if i == 13 else f"hello {i}") for i in range(1, 25)]
+        ids = await asyncio.gather(first, *rest)
+        assert ids[13] is None and all(ids[i] == spawned[i] for i in range(25) if i != 13)
+
+    asyncio.run(run())
+    assert client.r.info("commandstats")["cmdstat_exec"]["calls"] == 2
+    assert len(refused) == 1 and "empty" in refused[0]
+    assert sorted(spawned) == [i for i in range(25) if i != 13]
+    assert {p.job_id for p in deliveries.pending.all()} == set(spawned.values())
+    assert all(client.queue.fetch_job(job_id) is not None for job_id in spawned.values())
 
 
 def test_a_delivery_cancelled_as_the_bot_stops_leaves_its_reply_owed(redis_proc, tmp_path):

@@ -201,3 +201,47 @@ def test_a_turn_renews_the_leases_of_what_the_channel_has_and_sends_nothing_more
     r.expire("shallow:s:c:lease:story", 100)
     assert ours(lambda: client.chat("c:lease", "back to chat"))["set"] == 2  # the claim and the mode
     assert client.store.mode("c:lease") is Mode.CHAT and ttl - 5 < r.ttl("shallow:s:c:lease:story") <= ttl
+
+
+def test_many_turns_of_any_channels_go_in_the_round_trips_of_one(redis_proc, tmp_path):
+    """`submit_many` (a bot's burst of turns): every channel's mode, sessions and claim in one round trip, every
+    job in one transaction; each turn ends as it would alone. A refused turn (bad input) does not hold back the
+    others, and a second turn of a channel in the same call is refused as the channel's turn in flight, after
+    the first is enqueued."""
+    from dataclasses import replace
+
+    from shared.client import Turn, TurnClient
+    from shared.errors import BadInput
+    from shared.protocol import new_id
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    r = client.r
+    client.say("m:warm", "hello")  # RQ reads the server's version once per queue, on its first job
+    story = client.start_story("m:story", "The Lost Crown")
+    client.store.release_turn("m:story", story.job_id)
+    turns = [Turn("chat", f"m:{i}", f"Tell me about the number {i}.", user=str(i)) for i in range(6)]
+    turns += [Turn("say", "m:empty", "   "), Turn("story", "m:tale", "The Sunken Bell"), Turn("say", "m:story", "Open the door")]
+    ids = [new_id() for _ in turns]
+    r.config_resetstat()
+    results, trips = _count_round_trips(r, lambda: client.submit_many(turns, ids, [None] * len(turns)))
+    assert trips == 2 and r.info("commandstats")["cmdstat_exec"]["calls"] == 1
+    assert isinstance(results[6], BadInput) and "empty" in str(results[6])
+    enqueued = [(i, sub) for i, sub in enumerate(results) if i != 6]
+    for i, sub in enqueued:
+        assert sub.job_id == ids[i] and client.queue.fetch_job(ids[i]).get_status().value == "queued"
+        assert client.store.turn_in_flight(turns[i].channel) == ids[i]
+    assert [results[i].request.text for i in range(6)] == [t.text for t in turns[:6]]
+    assert {results[i].request.mode for i in range(6)} == {Mode.CHAT}
+    assert client.store.get("m:3", Mode.CHAT).id == results[3].session.id
+    assert results[7].request.mode is Mode.STORY and client.store.get("m:tale", Mode.STORY).title == "The Sunken Bell"
+    assert results[8].session.id == story.session.id and results[8].request.user_text == "Open the door"
+    assert not r.exists("shallow:s:m:empty:inflight")
+    # the same channel twice in one call, and a channel still busy from before: the first of the pair is enqueued
+    pair = [Turn("chat", "m:pair", "first"), Turn("chat", "m:pair", "second"), Turn("chat", "m:0", "busy")]
+    ids = [new_id() for _ in pair]
+    first, second, busy = client.submit_many(pair, ids, [None] * 3)
+    assert first.job_id == ids[0] and client.store.turn_in_flight("m:pair") == ids[0]
+    assert isinstance(second, ChannelBusy) and isinstance(busy, ChannelBusy) and "still writing" in str(second)
+    assert client.queue.fetch_job(ids[1]) is None and client.queue.fetch_job(ids[2]) is None
+    assert client.queue.count == 1 + 1 + 8 + 1  # the warm-up, the story, this test's eight and the pair's first
