@@ -476,7 +476,12 @@ class TurnClient:
                                            for i in live]) if live else []
         except redis.RedisError as exc:
             return [exc if r is None else r for r in results]
-        plans = [(i, self._plan(turns[i], texts[i], job_ids[i], view, owed[i])) for i, view in zip(live, views)]
+        plans = []
+        for i, view in zip(live, views):
+            if isinstance(view, Exception):
+                results[i] = view
+            else:
+                plans.append((i, self._plan(turns[i], texts[i], job_ids[i], view, owed[i])))
         free = [(i, plan) for i, plan in plans if plan.claimed_by is None]
         for (i, _), result in zip(free, self._write_all([plan for _, plan in free])):
             results[i] = result

@@ -155,14 +155,19 @@ class SessionStore:
         """One round trip for a message: the channel's mode, its chat and story sessions, and the claim of the
         channel's turn for `job_id` (held `hold` seconds; `claimed_by` names the job already there, if any).
         also(pipeline): commands of the caller's, sent first in the same round trip."""
-        return self.open_turns([(channel, job_id, hold, also)])[0]
+        (view,) = self.open_turns([(channel, job_id, hold, also)])
+        if isinstance(view, Exception):
+            raise view
+        return view
 
-    def open_turns(self, turns: Sequence[tuple[str, str, int, Callable | None]]) -> list[TurnView]:
-        """`open_turn` for several turns (channel, job_id, hold, also) in one round trip. Two turns of one channel:
-        the first in the list claims it, and the second finds it claimed by the first."""
-        ends = []
+    def open_turns(self, turns: Sequence[tuple[str, str, int, Callable | None]]) -> list[TurnView | redis.RedisError]:
+        """`open_turn` for several turns (channel, job_id, hold, also) in one round trip; a turn whose commands
+        failed (a key of the wrong type) gets the first error in its place. Two turns of one channel: the first in
+        the list claims it, and the second finds it claimed by the first."""
+        spans = []
         with self.r.pipeline(transaction=False) as p:
             for channel, job_id, hold, also in turns:
+                start = len(p.command_stack)
                 if also is not None:
                     also(p)
                 inflight = _key(channel, "inflight")
@@ -171,10 +176,14 @@ class SessionStore:
                 p.hgetall(_key(channel, Mode.STORY.value))
                 p.set(inflight, job_id, nx=True, ex=hold)
                 p.get(inflight)
-                ends.append(len(p.command_stack))
-            replies = p.execute()
-        views = []
-        for (channel, *_), end in zip(turns, ends):
+                spans.append((start, len(p.command_stack)))
+            replies = p.execute(raise_on_error=False)
+        views: list[TurnView | redis.RedisError] = []
+        for (channel, *_), (start, end) in zip(turns, spans):
+            error = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
+            if error is not None:
+                views.append(error)
+                continue
             mode, chat, story, claimed, holder = replies[end - 5 : end]
             views.append(TurnView(
                 mode=Mode(mode.decode()) if mode else Mode.CHAT,

@@ -244,4 +244,20 @@ def test_many_turns_of_any_channels_go_in_the_round_trips_of_one(redis_proc, tmp
     assert first.job_id == ids[0] and client.store.turn_in_flight("m:pair") == ids[0]
     assert isinstance(second, ChannelBusy) and isinstance(busy, ChannelBusy) and "still writing" in str(second)
     assert client.queue.fetch_job(ids[1]) is None and client.queue.fetch_job(ids[2]) is None
-    assert client.queue.count == 1 + 1 + 8 + 1  # the warm-up, the story, this test's eight and the pair's first
+    # a turn whose read fails (its channel's chat session is not a hash) and one whose write fails in the transaction
+    # (its job's key is not a hash): each fails alone with Redis' error, the turn between them is enqueued
+    from redis.exceptions import ResponseError
+
+    r.set("shallow:s:m:broken:chat", "not a hash")
+    trio = [Turn("say", "m:broken", "hello"), Turn("chat", "m:fine", "hello"), Turn("chat", "m:job", "hello")]
+    ids = [new_id() for _ in trio]
+    r.set(f"rq:job:{ids[2]}", "not a hash")
+    r.config_resetstat()
+    broken, fine, unqueued = client.submit_many(trio, ids, [None] * 3)
+    assert r.info("commandstats")["cmdstat_exec"]["calls"] == 1  # the write failed inside the one transaction
+    assert isinstance(broken, ResponseError) and "WRONGTYPE" in str(broken)
+    assert isinstance(unqueued, ResponseError) and "WRONGTYPE" in str(unqueued)
+    assert fine.job_id == ids[1] and client.queue.fetch_job(ids[1]) is not None
+    with pytest.raises(ResponseError):  # alone, the error is raised
+        client.say("m:broken", "hello")
+    assert ids[0] not in client.queue.job_ids  # (the job whose hash failed was pushed all the same: Redis does not roll back)
