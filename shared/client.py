@@ -76,6 +76,10 @@ class Turn:
     max_new_tokens: int | None = None  # `chat` only: a reply's fixed length (`shallow bench`)
     ignore_eos: bool = False
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("say", "chat", "story"):
+            raise ValueError(f"a turn is 'say', 'chat' or 'story', not {self.kind!r}")
+
 
 @dataclass
 class _Plan:
