@@ -273,14 +273,21 @@ class Deliveries:
         return dict(where, session_id=sub.session.id, turn=sub.session.turns + 1)
 
     def _enqueue(self, batch: list[tuple[Turn, str, Owed, asyncio.Future]]) -> list[Submitted | Exception]:
-        results = self.client.submit_many([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
-        unowed = [job_id for (_, job_id, *_), result in zip(batch, results) if isinstance(result, BaseException)]
-        if unowed:  # refused or failed: nothing is owed (and nothing was enqueued)
-            try:
-                self.pending.done(*unowed)
-            except redis.RedisError:
-                logger.warning("could not remove the owed records of %d refused turns", len(unowed), exc_info=True)
+        try:
+            results = self.client.submit_many([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
+        except Exception:  # a failure outside any one turn: each fails with it, and none is kept owed
+            self._unowe([job_id for _, job_id, *_ in batch])
+            raise
+        self._unowe([job_id for (_, job_id, *_), result in zip(batch, results) if isinstance(result, BaseException)])
         return results
+
+    def _unowe(self, job_ids: list[str]) -> None:
+        """Refused or failed turns: nothing is owed (and nothing was enqueued)."""
+        if job_ids:
+            try:
+                self.pending.done(*job_ids)
+            except redis.RedisError:
+                logger.warning("could not remove the owed records of %d refused turns", len(job_ids), exc_info=True)
 
     def resume(self) -> int:
         """Deliver what was owed when the bot last stopped. Returns how many."""

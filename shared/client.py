@@ -541,7 +541,7 @@ class TurnClient:
         """Claim the channel for a turn that found it held: ChannelBusy while the holder is in flight."""
         channel, job_id, hold = plan.session.channel, plan.job_id, self._hold()
         current = plan.claimed_by
-        if current == "":  # the holder let go between open_turn's claim and its read: claim again
+        if current == "":  # the holder let go between open_turns' claim and its read: claim again
             current = self.store.claim_turn(channel, job_id, hold)
         if current is not None:
             if not self._settled(current):

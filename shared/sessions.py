@@ -70,7 +70,7 @@ class Session:
 
 @dataclass(frozen=True)
 class TurnView:
-    """What a message needs to know about its channel, read in one round trip (`SessionStore.open_turn`)."""
+    """What a message needs to know about its channel, read in one round trip (`SessionStore.open_turns`)."""
 
     mode: Mode
     chat: Session | None
@@ -151,19 +151,12 @@ class SessionStore:
         p.expire(key, self.ttl)
         p.set(_key(session.channel, "mode"), session.mode.value, ex=self.ttl)
 
-    def open_turn(self, channel: str, job_id: str, hold: int, also=None) -> TurnView:
-        """One round trip for a message: the channel's mode, its chat and story sessions, and the claim of the
-        channel's turn for `job_id` (held `hold` seconds; `claimed_by` names the job already there, if any).
-        also(pipeline): commands of the caller's, sent first in the same round trip."""
-        (view,) = self.open_turns([(channel, job_id, hold, also)])
-        if isinstance(view, Exception):
-            raise view
-        return view
-
     def open_turns(self, turns: Sequence[tuple[str, str, int, Callable | None]]) -> list[TurnView | redis.RedisError]:
-        """`open_turn` for several turns (channel, job_id, hold, also) in one round trip; a turn whose commands
-        failed (a key of the wrong type) gets the first error in its place. Two turns of one channel: the first in
-        the list claims it, and the second finds it claimed by the first."""
+        """One round trip for several messages (channel, job_id, hold, also): each one's channel mode, its chat and
+        story sessions, and the claim of the channel's turn for `job_id` (held `hold` seconds; `claimed_by` names the
+        job already there, if any); also(pipeline): commands of the caller's, sent first in the turn's part. A turn
+        whose commands failed (a key of the wrong type) gets the first error in its place. Two turns of one channel:
+        the first in the list claims it, and the second finds it claimed by the first."""
         spans = []
         with self.r.pipeline(transaction=False) as p:
             for channel, job_id, hold, also in turns:
