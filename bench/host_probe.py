@@ -12,7 +12,11 @@ different machines can be read together:
 - `torch_op_us`: one `add_` on a one-element CPU tensor (PyTorch's Python binding and dispatcher);
 - `cuda_launch_us`: the host's time to queue one `add_` on a one-element CUDA tensor, the GPU kept ahead of
   (None without CUDA);
-- `cpu`: the processor's name as the kernel reports it, and `cpus` the cores this process may use.
+- `cpu`: the processor's name as the kernel reports it, and `cpus` the cores this process may use;
+- `redis_parser`: "hiredis" when redis-py packs commands and parses replies in C (hiredis, a dependency of
+  shallow's), "python" when hiredis is missing: every Redis command then costs the interpreter more, the worker's
+  RQ bookkeeping (~57 commands a job) and the bots' enqueue (~13 a turn) too. The GPU machine's prepared
+  site-packages lacked it until session 24, so the serving figures measured there before it are without it.
 
 Each figure is the best of several runs, so that a passing stall of the box does not count. `shallow bench
 train` runs it (`measure`) in a process of its own before its presets (so that the bench's own process holds no
@@ -67,11 +71,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def redis_parser() -> str:
+    """How redis-py packs commands and reads replies in this interpreter: "hiredis" (C) or "python"."""
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:
+        return "no redis-py"
+    return "hiredis" if HIREDIS_AVAILABLE else "python"
+
+
 def probe() -> dict:
     import torch
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    result: dict = {"cpu": cpu_name(), "cpus": cpus, "python_us": _best(_python, 200_000)}
+    result: dict = {"cpu": cpu_name(), "cpus": cpus, "python_us": _best(_python, 200_000), "redis_parser": redis_parser()}
     x = torch.zeros(1)
 
     def cpu_ops(n: int) -> None:
@@ -108,7 +121,8 @@ def measure(who: str) -> dict | None:
         if proc.returncode == 0:
             host = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{who}: host {host['cpu']} ({host['cpus']} CPUs): a Python call {host['python_us']} us, a torch op "
-                  f"{host['torch_op_us']} us, a CUDA launch {host['cuda_launch_us']} us", file=sys.stderr, flush=True)
+                  f"{host['torch_op_us']} us, a CUDA launch {host['cuda_launch_us']} us, Redis replies parsed by "
+                  f"{host.get('redis_parser', '?')}", file=sys.stderr, flush=True)
             return host
         why = proc.stderr.strip()[-300:]
     except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:

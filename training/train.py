@@ -696,9 +696,11 @@ def checkpointing_mode(value: str | bool) -> str | bool:
 # Bytes a token keeps per layer and unit of activation width (6 x hidden + 4 x intermediate: the attention's
 # and the MLP's saved inputs and outputs) when nothing is recomputed. Measured on the H200 (Llama-3.2-1B shape,
 # 4-bit, LoRA r=16, unsloth, no checkpointing): 15.7 GiB peak at 5,883 tokens a step, 33.3 GiB at 10,767, i.e.
-# 2.7-3.1 GiB per 1,000 tokens, 4.0-4.6 bytes per unit; 6 leaves room for the allocator's spread. The longest
-# step of the defaults (8 x 2,048 tokens) then measured 31.5 GiB against the 66 GiB this estimates.
-ACTIVATION_BYTES = 6
+# 2.7-3.1 GiB per 1,000 tokens, 4.0-4.6 bytes per unit. The longest step of the defaults (8 x 2,048 tokens) then
+# measured 31.5 GiB (2.9 bytes per unit). 5 stays above every peak seen and leaves room for the allocator's
+# spread; 6 (sessions 8-23) estimated 66 GiB for that step, over 3/4 of an 80 GB card, so an H100 or A100 of
+# 80 GB recomputed activations it had room for (session 24: 26,095 tokens/s on an H100 with checkpointing on).
+ACTIVATION_BYTES = 5
 
 
 def activation_bytes(layers: int, hidden: int, intermediate: int, tokens: int) -> int:

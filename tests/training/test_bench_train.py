@@ -49,6 +49,7 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
 
     host = result["host"]
     assert host["cpu"] and host["cpus"] >= 1 and host["python_us"] > 0 and host["torch_op_us"] > 0
+    assert host["redis_parser"] == "hiredis"  # a dependency: its absence (as on the GPU machine before session 24) shows
     assert (host["cuda_launch_us"] is None) == (not torch.cuda.is_available())
     assert f"a torch op {host['torch_op_us']} us" in proc.stderr
 
