@@ -12,7 +12,9 @@ them open. `--bots`: each burst instead goes as the chat bots send turns, one co
 loop through the bots' `Deliveries.submit` (its owed-reply record, the enqueue in a thread of the loop's pool, the
 turns that wait meanwhile together; `--threads`, `--switch` and `--batch` set that pool's size, the interpreter's switch
 interval and the most turns of one enqueue, by default the bots' own),
-timed from the instant the loop starts them all to each job's enqueue; its deliveries are not followed.
+timed from the instant the loop starts them all to each job's enqueue; its deliveries are not followed. With
+`--bots`, then: the end of as many deliveries at once, their owed records removed a pool thread each (before session
+24) and together (the bots' `GroupCommit`), wall and CPU time.
 """
 from __future__ import annotations
 
@@ -73,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"burst of {size} ({when}, {opened} new connections): enqueued after p50 {pct(times, 50):.1f} ms, "
                       f"p95 {pct(times, 95):.1f} ms, the last {max(times):.1f} ms")
         print(f"{client.queue.count} jobs in the queue, of {WARM + n + 2 * sum(sizes)} sent")
+        if args.bots:
+            for size in sizes:
+                for how in ("each", "together", "each", "together"):
+                    wall, cpu = delivered_as_bot(client, size, how)
+                    print(f"{size} replies delivered at once, their owed records removed {how}: {wall:.1f} ms wall, "
+                          f"{cpu:.1f} ms of the bot's CPU")
     return 0
 
 
@@ -101,6 +109,38 @@ def burst(client, size: int, text: str, tag: str = "") -> list[float]:
     if errors:
         raise RuntimeError(f"{len(errors)} of {size} enqueues failed: {errors[0]!r}")
     return times
+
+
+def delivered_as_bot(client, size: int, how: str) -> tuple[float, float]:
+    """The end of `size` deliveries at the same instant in one bot loop: each reply's owed record removed by a pool
+    thread of its own ("each", as the bots did before session 24) or through the bots' group commit ("together",
+    `Deliveries`' own path); wall and CPU ms of the whole."""
+    import asyncio
+    import sys
+
+    import bots.streaming as streaming
+
+    deliveries = streaming.Deliveries(client, "enqueue-cost-delivered", lambda where: None)
+    ids = [f"delivered-{size}-{i}" for i in range(size)]
+    client.r.hset(deliveries.pending.key, mapping={job_id: "{}" for job_id in ids})
+
+    async def run() -> tuple[float, float]:
+        streaming.prepare_bot_loop()
+        wall, cpu = time.perf_counter(), time.process_time()
+        if how == "each":
+            await asyncio.gather(*(asyncio.to_thread(deliveries.pending.done, job_id) for job_id in ids))
+        else:
+            await asyncio.gather(*(deliveries._delivered.put(job_id) for job_id in ids))
+        return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
+
+    before = sys.getswitchinterval()
+    try:
+        result = asyncio.run(run())
+    finally:
+        sys.setswitchinterval(before)
+    if client.r.hlen(deliveries.pending.key):
+        raise RuntimeError("owed records were left")
+    return result
 
 
 def burst_as_bot(client, size: int, text: str, tag: str = "", threads: int | None = None,

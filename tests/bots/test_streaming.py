@@ -213,6 +213,48 @@ def test_turns_that_arrive_while_others_are_on_their_way_go_to_redis_together(re
     assert all(client.queue.fetch_job(job_id) is not None for job_id in spawned.values())
 
 
+def test_replies_that_end_together_are_owed_no_more_in_one_command(redis_proc, tmp_path):
+    """A bot's replies that end at the same time (a burst of channels answered together) have their owed records
+    removed together: while the first one's removal is held in Redis (CLIENT PAUSE WRITE, 0.6 s), the 39 others end,
+    and their records go in one HDEL after it: 2 in all (before session 24, one round trip each from a pool thread:
+    40). Every record goes, and each reply is told to its surface once."""
+    from dataclasses import replace
+
+    from bots.streaming import Deliveries
+    from shared.client import TurnClient
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    failed: list[str] = []
+
+    class Surface:
+        def __init__(self, where: dict) -> None:
+            self.chat = where["chat"]
+
+        async def show(self, text: str) -> None: ...
+        async def typing(self) -> None: ...
+        async def finish(self, done) -> None: ...
+        async def fail(self, message: str, partial: str) -> None:
+            if not failed:  # the first reply to end: Redis holds its writes (the owed record's removal) a while
+                client.r.execute_command("CLIENT", "PAUSE", 600, "WRITE")
+            failed.append(self.chat)
+
+    deliveries = Deliveries(client, "test", surface_for=Surface)
+    n = 40
+
+    async def run() -> None:
+        for i in range(n):  # replies whose jobs are gone: each delivery ends by saying so
+            deliveries.pending.add(f"lost-{i}", {"chat": i})
+        client.r.config_resetstat()
+        assert deliveries.resume() == n
+        await asyncio.wait_for(asyncio.gather(*deliveries.tasks), 30)
+
+    asyncio.run(run())
+    assert sorted(failed) == list(range(n))
+    assert deliveries.pending.all() == []
+    assert client.r.info("commandstats")["cmdstat_hdel"]["calls"] == 2
+
+
 def test_a_delivery_cancelled_as_the_bot_stops_leaves_its_reply_owed(redis_proc, tmp_path):
     """A bot that stops cancels what it was delivering: those replies are not delivered, so they stay owed, and
     the bot delivers them when it is back. One that ends (here: its job is found lost) is owed no more."""
