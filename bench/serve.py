@@ -509,33 +509,34 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
         channel = f"bench:{run_id}:{i}"
         if stagger > 0:
             await asyncio.sleep(random.Random(i).uniform(0.0, stagger))
-        try:
-            for k in range(turns):
-                turn, key = Turn(channel=i), f"{i}:{k}"
-                prompt = PROMPTS[(i + k) % len(PROMPTS)]
-                ended = asyncio.get_running_loop().create_future()
-                playing[key] = (turn, ended)
-                job = ""
-                refused: list[str] = []
+        for k in range(turns):
+            turn, key = Turn(channel=i), f"{i}:{k}"
+            prompt = PROMPTS[(i + k) % len(PROMPTS)]
+            ended = asyncio.get_running_loop().create_future()
+            playing[key] = (turn, ended)
+            job = ""
+            refused: list[str] = []
 
-                async def refuse(text: str, refused=refused) -> None:
-                    refused.append(text)
+            async def refuse(text: str, refused=refused) -> None:
+                refused.append(text)
 
-                turn.enqueued, turn.enqueued_wall = time.perf_counter(), time.time()
-                try:
-                    job = await deliveries.submit(ChatTurn("chat", channel, prompt, "bench", max_new_tokens=new_tokens, ignore_eos=True),
-                                                  {"bench_turn": key}, refuse) or ""
-                    if refused:
-                        turn.error = refused[0]
-                    else:
-                        await asyncio.wait_for(ended, settings.job_timeout * 2)
-                except asyncio.TimeoutError:
-                    turn.error = "timed out"
-                except Exception as exc:  # counted and shown, the run goes on
-                    turn.error = f"{type(exc).__name__}: {exc}"
-                results.append((job, turn))
-        finally:
-            await asyncio.to_thread(client.reset, channel)
+            turn.enqueued, turn.enqueued_wall = time.perf_counter(), time.time()
+            try:
+                job = await deliveries.submit(ChatTurn("chat", channel, prompt, "bench", max_new_tokens=new_tokens, ignore_eos=True),
+                                              {"bench_turn": key}, refuse) or ""
+                if refused:
+                    turn.error = refused[0]
+                else:
+                    await asyncio.wait_for(ended, settings.job_timeout * 2)
+            except asyncio.TimeoutError:
+                turn.error = "timed out"
+            except Exception as exc:  # counted and shown, the run goes on
+                turn.error = f"{type(exc).__name__}: {exc}"
+            results.append((job, turn))
+
+    def reset_all() -> None:
+        for i in channel_ids:
+            client.reset(f"bench:{run_id}:{i}")
 
     async def play() -> None:
         prepare_bot_loop()  # as the bots do as their loops start
@@ -543,7 +544,12 @@ def play_channels_as_bot(settings: Settings, channel_ids: list[int], turns: int,
         if deliveries.tasks:  # the last owed records being removed
             await asyncio.wait(list(deliveries.tasks), timeout=10)
 
-    start, end, cpu = _timed_together(lambda: asyncio.run(play()), ready, go)
+    try:
+        start, end, cpu = _timed_together(lambda: asyncio.run(play()), ready, go)
+    finally:
+        # the channels are forgotten once all have played, outside the timed run (before session 24 each channel's
+        # reset, a few round trips from a pool thread, ran as it ended, beside the replies still being delivered)
+        reset_all()
     client.r.delete(deliveries.pending.key)  # nothing is owed any more (a turn that timed out left its record)
     return {"results": results, "start": start, "end": end, "cpu_s": cpu}
 
