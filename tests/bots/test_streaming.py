@@ -367,3 +367,82 @@ def test_a_follower_cancelled_while_it_wakes_the_hub_leaves_no_subscription(redi
         asyncio.run(run())
     finally:
         admin.execute_command("CLIENT", "UNPAUSE")
+
+
+def test_group_commit_batches_what_waits_and_ends_each_item_on_its_own():
+    """`GroupCommit` (the bots' enqueue and their delivered replies' records): a lone item goes at once; the items
+    that arrive while a batch is out make the next batches, at most `size` each; one item's own error reaches only
+    its caller; a failure of a whole batch reaches each of its callers and not the next batch's; a caller that is
+    cancelled while its batch is out does not stop the others."""
+    import threading
+
+    from bots.streaming import GroupCommit
+
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def run(items: list[int]) -> list:
+        batches.append(list(items))
+        if items[0] == 0:
+            release.wait(10)  # the first batch is held in "Redis" while the others arrive
+        if 13 in items:
+            raise ConnectionError("the batch with 13 failed")
+        return [ValueError(f"bad {i}") if i == 7 else i * 10 for i in items]
+
+    commit = GroupCommit(run, 4, "test")
+
+    async def main() -> list:
+        first = asyncio.create_task(commit.put(0))
+        await asyncio.sleep(0.1)
+        rest = [asyncio.create_task(commit.put(i)) for i in range(1, 15)]
+        await asyncio.sleep(0.1)
+        rest[1].cancel()  # item 2, waiting for the sender
+        release.set()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert batches[0] == [0]
+    # item 2, whose caller left before it was sent, is not sent
+    assert [len(b) for b in batches[1:]] == [4, 4, 4, 1] and sorted(sum(batches[1:], [])) == [1, *range(3, 15)]
+    for i, result in enumerate(results):
+        if i == 2:
+            assert isinstance(result, asyncio.CancelledError)
+        elif i == 7:
+            assert isinstance(result, ValueError) and str(result) == "bad 7"
+        elif any(13 in b and i in b for b in batches):
+            assert isinstance(result, ConnectionError)
+        else:
+            assert result == i * 10, (i, result)
+    assert commit._sender is None and commit._waiting == []  # nothing left behind; the next put starts a sender
+
+
+def test_group_commit_stopped_with_the_bot_cancels_what_waits():
+    """When the bot stops, its loop's tasks are cancelled, the sender among them: the batch that was out and the
+    items that waited behind it end cancelled (their callers see CancelledError, as any task of a stopping bot),
+    none hangs, and a later put still goes."""
+    import threading
+
+    from bots.streaming import GroupCommit
+
+    held = threading.Event()
+
+    def run(items: list[str]) -> list[str]:
+        if "held" in items:
+            held.wait(1)
+        return [item.upper() for item in items]
+
+    commit = GroupCommit(run, 8, "test")
+
+    async def main() -> tuple[list, str]:
+        out = [asyncio.create_task(commit.put("held"))]
+        await asyncio.sleep(0.05)
+        out += [asyncio.create_task(commit.put(f"w{i}")) for i in range(3)]
+        await asyncio.sleep(0.05)
+        commit._sender.cancel()  # what stopping the bot's loop does to it
+        ended = await asyncio.wait_for(asyncio.gather(*out, return_exceptions=True), 5)
+        held.set()
+        return ended, await asyncio.wait_for(commit.put("later"), 5)
+
+    ended, later = asyncio.run(main())
+    assert all(isinstance(r, asyncio.CancelledError) for r in ended), ended
+    assert later == "LATER"
