@@ -14,7 +14,7 @@ turns that wait meanwhile together; `--threads`, `--switch` and `--batch` set th
 interval and the most turns of one enqueue, by default the bots' own),
 timed from the instant the loop starts them all to each job's enqueue; its deliveries are not followed. With
 `--bots`, then: the end of as many deliveries at once, their owed records removed a pool thread each (before session
-24) and together (the bots' `GroupCommit`), wall and CPU time.
+24) and together (the bots' `GroupCommit`), and as many users' cooldowns checked likewise, wall and CPU time.
 """
 from __future__ import annotations
 
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                     wall, cpu = delivered_as_bot(client, size, how)
                     print(f"{size} replies delivered at once, their owed records removed {how}: {wall:.1f} ms wall, "
                           f"{cpu:.1f} ms of the bot's CPU")
+                for how in ("each", "together", "each", "together"):
+                    wall, cpu = cooldowns_as_bot(client, size, how)
+                    print(f"{size} messages at once, their users' cooldowns checked {how}: {wall:.1f} ms wall, "
+                          f"{cpu:.1f} ms of the bot's CPU")
     return 0
 
 
@@ -141,6 +145,35 @@ def delivered_as_bot(client, size: int, how: str) -> tuple[float, float]:
     if client.r.hlen(deliveries.pending.key):
         raise RuntimeError("owed records were left")
     return result
+
+
+def cooldowns_as_bot(client, size: int, how: str) -> tuple[float, float]:
+    """`size` messages of as many users at the same instant in one bot loop, each user's cooldown checked by a pool
+    thread of its own ("each", as the bots did before session 24) or through the bots' `Cooldowns` ("together");
+    wall and CPU ms of the whole."""
+    import asyncio
+    import sys
+
+    import bots.streaming as streaming
+
+    prefix = f"enqueue-cost-cool-{how}-{time.monotonic_ns()}:"
+    cooldowns = streaming.Cooldowns(client.r, prefix, 2.0)
+
+    async def run() -> tuple[float, float]:
+        streaming.prepare_bot_loop()
+        wall, cpu = time.perf_counter(), time.process_time()
+        if how == "each":
+            await asyncio.gather(*(asyncio.to_thread(streaming.cooldowns_left, client.r, [f"{prefix}{u}"], 2.0)
+                                   for u in range(size)))
+        else:
+            await asyncio.gather(*(cooldowns.left(u) for u in range(size)))
+        return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
+
+    before = sys.getswitchinterval()
+    try:
+        return asyncio.run(run())
+    finally:
+        sys.setswitchinterval(before)
 
 
 def burst_as_bot(client, size: int, text: str, tag: str = "", threads: int | None = None,

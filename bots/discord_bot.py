@@ -19,7 +19,7 @@ import discord
 import yarl
 from discord import app_commands
 
-from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
+from bots.streaming import Cooldowns, Deliveries, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
 from shared.client import Turn, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
@@ -154,6 +154,7 @@ class ShallowDiscord(discord.Client):
         self.turns = client or TurnClient(settings)
         self.deliveries = Deliveries(self.turns, "discord", self._surface)
         self.r = self.turns.r
+        self.cooldowns = Cooldowns(self.r, "shallow:dc:cool:", dc.cooldown)
         self.tree = app_commands.CommandTree(self)
         self._register_commands()
 
@@ -175,8 +176,6 @@ class ShallowDiscord(discord.Client):
         """True the first time a day that this user is told they are outside the allowlist here."""
         return first_time(self.r, f"shallow:dc:refused:{channel_id}:{user_id}")
 
-    def cooling(self, user_id: int) -> float:
-        return cooldown_left(self.r, f"shallow:dc:cool:{user_id}", self.dc.cooldown)
 
     async def start_turn(self, channel: discord.abc.Messageable, placeholder: discord.Message | None,
                          turn: Turn, reference: discord.Message | None = None) -> None:
@@ -318,7 +317,7 @@ class ShallowDiscord(discord.Client):
             note = "I can only read text: attachments are not read." if message.attachments else None
             await message.reply(note or "You mentioned me without a message: what would you like to say?", mention_author=False)
             return
-        wait = await asyncio.to_thread(self.cooling, message.author.id)  # a round trip: off the loop every channel shares
+        wait = await self.cooldowns.left(message.author.id)  # off the loop every channel shares, with the others' at once
         if wait:
             await message.reply(f"One moment: you can send your next message in {wait:.0f}s.", mention_author=False)
             return

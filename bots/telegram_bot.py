@@ -26,7 +26,7 @@ from telegram.ext import (
     filters,
 )
 
-from bots.streaming import Deliveries, cooldown_left, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
+from bots.streaming import Cooldowns, Deliveries, GroupCommit, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
 from shared.client import Turn, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
@@ -184,6 +184,8 @@ class TelegramBot:
         self.client = client or TurnClient(settings)
         self.deliveries = Deliveries(self.client, "telegram", self._surface)
         self.r = self.client.r
+        self.cooldowns = Cooldowns(self.r, "shallow:tg:cool:", tg.cooldown)
+        self.titles = GroupCommit(self._take_titles, 256, "titles")  # the messages that arrive together: one round trip
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -204,10 +206,12 @@ class TelegramBot:
         if chat and first_time(self.r, f"shallow:tg:refused:{chat.id}"):
             await chat.send_message("Sorry, this bot is not open to this chat. Ask its owner to add you.")
 
-    def _cooling(self, update: Update) -> float:
-        """Seconds left of the user's cooldown, 0 when they may send a turn (which starts a new one)."""
-        user = update.effective_user
-        return cooldown_left(self.r, f"shallow:tg:cool:{user.id}", self.tg.cooldown) if user else 0.0
+    def _take_titles(self, chat_ids: list[int]) -> list[bool]:
+        """Whether /story was waiting for a title in each chat (it waits no more), in one round trip."""
+        with self.r.pipeline(transaction=False) as p:
+            for chat_id in chat_ids:
+                p.delete(f"shallow:tg:title:{chat_id}")
+            return [bool(n) for n in p.execute()]
 
     async def _addressed(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | None:
         """The text meant for the bot, or None: in groups only mentions and replies to the bot count."""
@@ -343,11 +347,12 @@ class TelegramBot:
             return
         msg = update.effective_message
         channel = self.channel(msg.chat_id)
-        wait = await asyncio.to_thread(self._cooling, update)  # round trips: off the loop every chat shares
+        user = update.effective_user
+        wait = await self.cooldowns.left(user.id if user else None)  # off the loop every chat shares, with the others'
         if wait:
             await msg.reply_text(f"One moment: you can send your next message in {wait:.0f}s.")
             return
-        if await asyncio.to_thread(self.r.delete, f"shallow:tg:title:{msg.chat_id}"):
+        if await self.titles.put(msg.chat_id):
             try:
                 self.client.clean_title(text)
             except BadInput as exc:

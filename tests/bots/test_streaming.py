@@ -446,3 +446,30 @@ def test_group_commit_stopped_with_the_bot_cancels_what_waits():
     ended, later = asyncio.run(main())
     assert all(isinstance(r, asyncio.CancelledError) for r in ended), ended
     assert later == "LATER"
+
+
+def test_cooldowns_of_messages_that_arrive_together_are_checked_together(redis_proc):
+    """A bot checks each message's per-user cooldown off its loop, the messages that arrive together in one round
+    trip: here 30 messages of 20 users while the first check is held in Redis (CLIENT PAUSE WRITE). Each user's
+    first message may go (its cooldown starts), their second in the same burst gets the time left; no cooldown
+    (0 s) lets everything through."""
+    import redis as redis_py
+
+    from bots.streaming import Cooldowns
+
+    r = redis_py.Redis.from_url(redis_proc.url)
+    cooldowns = Cooldowns(r, "test:cool:", 30.0)
+
+    async def main() -> list[float]:
+        first = asyncio.create_task(cooldowns.left(0))
+        r.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+        await asyncio.sleep(0.1)
+        rest = [asyncio.create_task(cooldowns.left(i % 20)) for i in range(1, 30)]
+        return await asyncio.gather(first, *rest)
+
+    waits = asyncio.run(main())
+    assert waits[:20] == [0.0] * 20  # users 0-19, each their first message
+    assert all(28 < w <= 30 for w in waits[20:]), waits[20:]  # users 0-9 again: their cooldown runs
+    assert sorted(int(k.rsplit(b":", 1)[1]) for k in r.keys("test:cool:*")) == list(range(20))
+    assert asyncio.run(Cooldowns(r, "test:cool:", 0).left(5)) == 0.0
+    assert asyncio.run(cooldowns.left(None)) == 0.0  # no user (a channel post): nothing to cool
