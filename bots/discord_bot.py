@@ -23,6 +23,7 @@ from bots.streaming import Cooldowns, Deliveries, first_time, ids_from_env, prep
 from shared.client import Turn, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
+from shared.sessions import Session
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,10 @@ class ShallowDiscord(discord.Client):
             and (not dc.allowed_users or user_id in dc.allowed_users)
         )
 
+    def story_and_turn(self, channel: str) -> tuple[Session | None, str | None]:
+        """The channel's story and the job writing there, if any (blocking: run in a thread, off the bot's loop)."""
+        return self.turns.store.get(channel, Mode.STORY), self.turns.store.turn_in_flight(channel)
+
     def refuse_once(self, channel_id: int, user_id: int) -> bool:
         """True the first time a day that this user is told they are outside the allowlist here."""
         return first_time(self.r, f"shallow:dc:refused:{channel_id}:{user_id}")
@@ -227,7 +232,7 @@ class ShallowDiscord(discord.Client):
             """/story end: back to chatting."""
             if not await self.gate(interaction):
                 return
-            ended = self.turns.end_story(self.channel_key(interaction.channel_id))
+            ended = await asyncio.to_thread(self.turns.end_story, self.channel_key(interaction.channel_id))
             await interaction.response.send_message(
                 f'The story "{ended.title}" has ended. `/story start` begins a new one.' if ended else "There is no story running here."
             )
@@ -249,7 +254,7 @@ class ShallowDiscord(discord.Client):
             """/cancel: stop the reply being written."""
             if not await self.gate(interaction):
                 return
-            job_id = self.turns.store.turn_in_flight(self.channel_key(interaction.channel_id))
+            job_id = await asyncio.to_thread(self.turns.store.turn_in_flight, self.channel_key(interaction.channel_id))
             if not job_id:
                 await interaction.response.send_message("Nothing is being written right now.", ephemeral=True)
                 return
@@ -310,7 +315,7 @@ class ShallowDiscord(discord.Client):
             return
         guild_id = message.guild.id if message.guild else getattr(message.channel, "guild_id", None)
         if not self.allowed(guild_id, message.channel.id, message.author.id):
-            if self.refuse_once(message.channel.id, message.author.id):
+            if await asyncio.to_thread(self.refuse_once, message.channel.id, message.author.id):
                 await message.reply("Sorry, this bot is not open to you here.", mention_author=False)
             return
         if not text.strip():
@@ -335,7 +340,7 @@ class ShallowDiscord(discord.Client):
             await interaction.response.send_message("Sorry, this bot is not open to you here.", ephemeral=True)
             return
         channel = self.channel_key(interaction.channel_id)
-        story = self.turns.store.get(channel, Mode.STORY)
+        story, busy = await asyncio.to_thread(self.story_and_turn, channel)
         if story is None or story.id != session_id:
             await interaction.response.edit_message(view=None)
             await interaction.followup.send("This story has ended. `/story start <title>` begins a new one.", ephemeral=True)
@@ -344,13 +349,13 @@ class ShallowDiscord(discord.Client):
             await interaction.response.edit_message(view=None)
             await interaction.followup.send("That choice belongs to an earlier passage.", ephemeral=True)
             return
-        if self.turns.store.turn_in_flight(channel):
+        if busy:
             await interaction.response.send_message("I'm still writing; press again when the passage is done.", ephemeral=True)
             return
         choice = story.choices[n - 1]
         content = ((interaction.message.content if interaction.message else "") + f"\n\n▶ {n}. {choice}")[-MESSAGE_LIMIT:]
         await interaction.response.edit_message(content=content, view=None)
-        self.turns.store.set_mode(channel, Mode.STORY)
+        await asyncio.to_thread(self.turns.store.set_mode, channel, Mode.STORY)
         await self.start_turn(interaction.channel, None, Turn("say", channel, str(n), str(interaction.user.id)))
 
 

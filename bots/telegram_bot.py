@@ -30,6 +30,7 @@ from bots.streaming import Cooldowns, Deliveries, GroupCommit, first_time, ids_f
 from shared.client import Turn, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
+from shared.sessions import Session
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -203,8 +204,41 @@ class TelegramBot:
     async def _refuse_once(self, update: Update) -> None:
         """Outside the allowlists: say so once a day per chat, then stay quiet."""
         chat = update.effective_chat
-        if chat and first_time(self.r, f"shallow:tg:refused:{chat.id}"):
+        if chat and await asyncio.to_thread(first_time, self.r, f"shallow:tg:refused:{chat.id}"):
             await chat.send_message("Sorry, this bot is not open to this chat. Ask its owner to add you.")
+
+    # The Redis work of the commands and buttons, blocking: each runs in a worker thread, off the loop every chat shares.
+
+    def _resume_or_ask_title(self, chat_id: int) -> Session | None:
+        """/story without a title: the paused story, resumed; or None, and the next message is awaited as the title."""
+        channel = self.channel(chat_id)
+        paused = self.client.store.get(channel, Mode.STORY)
+        if paused and self.client.store.mode(channel) is Mode.CHAT:
+            self.client.store.set_mode(channel, Mode.STORY)
+            return paused
+        self.r.set(f"shallow:tg:title:{chat_id}", 1, ex=AWAIT_TITLE_TTL)
+        return None
+
+    def _back_to_chat(self, channel: str) -> Session | None:
+        """/chat: the channel chats again; its story (returned) is kept."""
+        story = self.client.store.get(channel, Mode.STORY)
+        self.client.store.set_mode(channel, Mode.CHAT)
+        return story
+
+    def _forget(self, chat_id: int) -> bool:
+        """/reset: the conversation, any story and any awaited title forgotten; False when there was nothing."""
+        had = self.client.reset(self.channel(chat_id))
+        self.r.delete(f"shallow:tg:title:{chat_id}")
+        return had
+
+    def _what_to_cancel(self, chat_id: int) -> tuple[bool, str | None]:
+        """/cancel: whether a title was awaited (it is no more), else the job writing in this chat, if any."""
+        if self.r.delete(f"shallow:tg:title:{chat_id}"):
+            return True, None
+        return False, self.client.store.turn_in_flight(self.channel(chat_id))
+
+    def _story_and_turn(self, channel: str) -> tuple[Session | None, str | None]:
+        return self.client.store.get(channel, Mode.STORY), self.client.store.turn_in_flight(channel)
 
     def _take_titles(self, chat_ids: list[int]) -> list[bool]:
         """Whether /story was waiting for a title in each chat (it waits no more), in one round trip."""
@@ -267,12 +301,10 @@ class TelegramBot:
         channel = self.channel(msg.chat_id)
         title = " ".join(context.args or [])
         if not title.strip():
-            paused = self.client.store.get(channel, Mode.STORY)
-            if paused and self.client.store.mode(channel) is Mode.CHAT:
-                self.client.store.set_mode(channel, Mode.STORY)
+            paused = await asyncio.to_thread(self._resume_or_ask_title, msg.chat_id)
+            if paused:
                 await msg.reply_text(f'Back to "{paused.title}". What do you do?')
                 return
-            self.r.set(f"shallow:tg:title:{msg.chat_id}", 1, ex=AWAIT_TITLE_TTL)
             await msg.reply_text("What should the story be called? Send me a title, e.g. The Lost Crown.")
             return
         try:
@@ -286,7 +318,7 @@ class TelegramBot:
         """/end: end the story."""
         if not await self._gate(update):
             return
-        story = self.client.end_story(self.channel(update.effective_chat.id))
+        story = await asyncio.to_thread(self.client.end_story, self.channel(update.effective_chat.id))
         await update.effective_message.reply_text(
             f'The story "{story.title}" has ended. /story starts a new one.' if story else "There is no story running here."
         )
@@ -295,9 +327,7 @@ class TelegramBot:
         """/chat: back to chatting; a running story is kept."""
         if not await self._gate(update):
             return
-        channel = self.channel(update.effective_chat.id)
-        story = self.client.store.get(channel, Mode.STORY)
-        self.client.store.set_mode(channel, Mode.CHAT)
+        story = await asyncio.to_thread(self._back_to_chat, self.channel(update.effective_chat.id))
         note = f' The story "{story.title}" is kept: /story brings it back.' if story else ""
         await update.effective_message.reply_text("Chatting now." + note)
 
@@ -305,8 +335,7 @@ class TelegramBot:
         """/reset: forget this chat's conversation and story."""
         if not await self._gate(update):
             return
-        had = await asyncio.to_thread(self.client.reset, self.channel(update.effective_chat.id))
-        self.r.delete(f"shallow:tg:title:{update.effective_chat.id}")
+        had = await asyncio.to_thread(self._forget, update.effective_chat.id)
         await update.effective_message.reply_text(
             "Done: I've forgotten our conversation and any story." if had else "There was nothing to forget here yet."
         )
@@ -315,11 +344,10 @@ class TelegramBot:
         """/cancel: stop the reply being written (or the question for a title)."""
         if not await self._gate(update):
             return
-        chat_id = update.effective_chat.id
-        if self.r.delete(f"shallow:tg:title:{chat_id}"):
+        asked, job_id = await asyncio.to_thread(self._what_to_cancel, update.effective_chat.id)
+        if asked:
             await update.effective_message.reply_text("All right, no story for now.")
             return
-        job_id = self.client.store.turn_in_flight(self.channel(chat_id))
         if not job_id:
             await update.effective_message.reply_text("Nothing is being written right now.")
             return
@@ -356,7 +384,7 @@ class TelegramBot:
             try:
                 self.client.clean_title(text)
             except BadInput as exc:
-                self.r.set(f"shallow:tg:title:{msg.chat_id}", 1, ex=AWAIT_TITLE_TTL)
+                await asyncio.to_thread(self.r.set, f"shallow:tg:title:{msg.chat_id}", 1, ex=AWAIT_TITLE_TTL)
                 await msg.reply_text(f"{exc}")
                 return
             await self._start_turn(msg, Turn("story", channel, text, _user(update)))
@@ -392,7 +420,7 @@ class TelegramBot:
             return
         chat_id = query.message.chat_id if query.message else update.effective_chat.id
         channel = self.channel(chat_id)
-        story = self.client.store.get(channel, Mode.STORY)
+        story, busy = await asyncio.to_thread(self._story_and_turn, channel)
         if story is None or story.id != session_id:
             await query.answer("This story has ended. Start a new one with /story <title>.", show_alert=True)
             await _drop_keyboard(query)
@@ -401,12 +429,12 @@ class TelegramBot:
             await query.answer("That choice belongs to an earlier passage.", show_alert=True)
             await _drop_keyboard(query)
             return
-        if self.client.store.turn_in_flight(channel):
+        if busy:
             await query.answer("I'm still writing; press again when the passage is done.", show_alert=True)
             return
         await query.answer(f"You chose: {story.choices[choice_no - 1]}"[:190])
         await _drop_keyboard(query, f"▶ {choice_no}. {story.choices[choice_no - 1]}")
-        self.client.store.set_mode(channel, Mode.STORY)
+        await asyncio.to_thread(self.client.store.set_mode, channel, Mode.STORY)
         await self._start_turn(query.message, Turn("say", channel, str(choice_no), _user(update)))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
