@@ -552,58 +552,77 @@ class TurnClient:
 
     def _write_all(self, plans: list[_Plan]) -> list[Submitted | Exception]:
         """Enqueue the turns, each job with its session's new lease (and a new session, or the mode, and its owed
-        record), all in one transaction, one round trip; a turn whose commands failed gets the first error."""
+        record), all in one transaction, one round trip; a turn whose commands failed gets the first error, and one
+        that could not be written at all (an error of its own, not Redis') gets that error, its channel let go."""
         if not plans:
             return []
-        s = self.settings
         spans = []
         try:
             with self.r.pipeline() as p:
                 p.multi()  # RQ's enqueue starts the transaction when nothing has: here, for all the turns
                 for plan in plans:
                     start = len(p.command_stack)
-                    session = plan.session
-                    request = TurnRequest(
-                        channel=session.channel, mode=session.mode, session_id=session.id, text=plan.text,
-                        user_text=plan.user_text, job_id=plan.job_id, title=session.title, user=plan.user,
-                        reply_to=plan.reply_to or {}, max_new_tokens=plan.max_new_tokens, ignore_eos=plan.ignore_eos,
-                    )
-                    self.queue.enqueue(
-                        JOB_FUNCTION,
-                        request.to_json(),
-                        job_id=request.job_id,
-                        job_timeout=s.job_timeout,
-                        retry=Retry(max=s.job_retries, enqueue_at_front=True) if s.job_retries else None,
-                        result_ttl=s.stream_ttl,
-                        failure_ttl=s.session_ttl,
-                        description=f"{session.mode.value} turn in {session.channel}",
-                        pipeline=p,
-                    )
-                    if plan.new_session:
-                        self.store.write_new(session, p)
-                    elif plan.set_mode:
-                        self.store.set_mode(session.channel, session.mode, pipeline=p)
-                    # a new lease for the keys that exist and were not just written with one (an EXPIRE of a key
-                    # that is not there does nothing: a chat turn in a channel without a story sends 3 EXPIREs,
-                    # not 5 and a SET)
-                    self.store.touch(session.channel, pipeline=p,
-                                     modes=tuple(m for m in plan.kept if not (plan.new_session and m is session.mode)),
-                                     mode_key=not (plan.new_session or plan.set_mode))
-                    submitted = Submitted(job_id=request.job_id, request=request, session=session)
-                    if plan.owed is not None:
-                        p.hset(plan.owed.key, request.job_id, plan.owed.then(submitted))
-                    spans.append((start, len(p.command_stack), submitted))
+                    try:
+                        spans.append((start, *self._write_one(p, plan)))
+                    except redis.RedisError:
+                        raise
+                    except Exception as exc:  # this turn cannot be written (a value JSON cannot hold): it fails alone
+                        logger.exception("turn %s in %s could not be enqueued", plan.job_id, plan.session.channel)
+                        del p.command_stack[start:]  # its commands so far: none of it is sent
+                        spans.append((start, start, exc))
                 replies = p.execute(raise_on_error=False)
         except redis.RedisError as exc:
             return [exc] * len(plans)
         results: list[Submitted | Exception] = []
-        for start, end, submitted in spans:
+        for plan, (start, end, submitted) in zip(plans, spans):
+            if isinstance(submitted, Exception):
+                try:
+                    self.store.release_turn(plan.session.channel, plan.job_id)  # its claim, taken by open_turns
+                except redis.RedisError:
+                    logger.warning("the claim of %s stays until a later turn finds it stale", plan.session.channel)
+                results.append(submitted)
+                continue
             error = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
             if error is None:
                 logger.info("enqueued job %s: %s turn in %s", submitted.job_id, submitted.session.mode.value,
                             submitted.session.channel)
             results.append(error or submitted)
         return results
+
+    def _write_one(self, p: redis.client.Pipeline, plan: _Plan) -> tuple[int, Submitted]:
+        """Queue one turn's commands in the transaction `p`: where they end, and what the turn becomes."""
+        s = self.settings
+        session = plan.session
+        request = TurnRequest(
+            channel=session.channel, mode=session.mode, session_id=session.id, text=plan.text,
+            user_text=plan.user_text, job_id=plan.job_id, title=session.title, user=plan.user,
+            reply_to=plan.reply_to or {}, max_new_tokens=plan.max_new_tokens, ignore_eos=plan.ignore_eos,
+        )
+        self.queue.enqueue(
+            JOB_FUNCTION,
+            request.to_json(),
+            job_id=request.job_id,
+            job_timeout=s.job_timeout,
+            retry=Retry(max=s.job_retries, enqueue_at_front=True) if s.job_retries else None,
+            result_ttl=s.stream_ttl,
+            failure_ttl=s.session_ttl,
+            description=f"{session.mode.value} turn in {session.channel}",
+            pipeline=p,
+        )
+        if plan.new_session:
+            self.store.write_new(session, p)
+        elif plan.set_mode:
+            self.store.set_mode(session.channel, session.mode, pipeline=p)
+        # a new lease for the keys that exist and were not just written with one (an EXPIRE of a key
+        # that is not there does nothing: a chat turn in a channel without a story sends 3 EXPIREs,
+        # not 5 and a SET)
+        self.store.touch(session.channel, pipeline=p,
+                         modes=tuple(m for m in plan.kept if not (plan.new_session and m is session.mode)),
+                         mode_key=not (plan.new_session or plan.set_mode))
+        submitted = Submitted(job_id=request.job_id, request=request, session=session)
+        if plan.owed is not None:
+            p.hset(plan.owed.key, request.job_id, plan.owed.then(submitted))
+        return len(p.command_stack), submitted
 
     # -- following ------------------------------------------------------------------------------
 

@@ -261,3 +261,28 @@ def test_many_turns_of_any_channels_go_in_the_round_trips_of_one(redis_proc, tmp
     with pytest.raises(ResponseError):  # alone, the error is raised
         client.say("m:broken", "hello")
     assert ids[0] not in client.queue.job_ids  # (the job whose hash failed was pushed all the same: Redis does not roll back)
+
+
+def test_a_turn_that_cannot_be_written_fails_alone_in_a_batch(redis_proc, tmp_path):
+    """One turn of a bot's batch that cannot be written at all (here a platform reference JSON cannot hold: an
+    error of the turn's own, raised while its job is built) fails with that error; the turns before and after it
+    are enqueued in the same transaction, none of its commands are sent, and its channel is free again."""
+    from dataclasses import replace
+
+    from shared.client import Turn, TurnClient
+    from shared.protocol import new_id
+    from shared.settings import Settings
+
+    client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
+    client.say("b:warm", "hello")  # RQ reads the server's version once per queue, on its first job
+    turns = [Turn("say", "b:0", "hello"), Turn("say", "b:bad", "hello", reply_to={"message": object()}),
+             Turn("say", "b:2", "hello")]
+    ids = [new_id() for _ in turns]
+    results = client.submit_many(turns, ids, [None] * 3)
+    assert isinstance(results[1], TypeError)
+    for i in (0, 2):
+        assert results[i].job_id == ids[i] and client.queue.fetch_job(ids[i]).get_status().value == "queued"
+    assert client.queue.fetch_job(ids[1]) is None and client.store.turn_in_flight("b:bad") is None
+    assert client.store.get("b:bad", Mode.CHAT) is None  # nothing of it was written
+    again = client.say("b:bad", "hello again")  # the channel takes its next turn
+    assert client.queue.fetch_job(again.job_id) is not None
