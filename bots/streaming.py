@@ -248,7 +248,7 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         result = loop.create_future()
         self._waiting.append((item, result))
-        if self._sender is None:
+        if self._sender is None or self._sender.get_loop() is not loop:  # (a sender of a loop that has stopped)
             self._sender = loop.create_task(self._send(), name=self.name)
         return await result
 
@@ -256,7 +256,8 @@ class GroupCommit:
         """Until none wait: the next batch to a worker thread (one batch in Redis at a time)."""
         try:
             while self._waiting:
-                self._waiting = [(item, result) for item, result in self._waiting if not result.done()]  # callers gone: not sent
+                loop = asyncio.get_running_loop()  # callers gone (or of a loop that stopped): not sent
+                self._waiting = [(item, result) for item, result in self._waiting if not result.done() and result.get_loop() is loop]
                 batch, self._waiting = self._waiting[: self.size], self._waiting[self.size :]
                 if not batch:
                     break
@@ -277,10 +278,15 @@ class GroupCommit:
                     else:
                         result.set_result(value)
         finally:
-            self._sender = None
-            for _, result in self._waiting:  # only when the sender was cancelled: the bot is stopping
-                result.cancel()
-            self._waiting = []
+            try:
+                mine = self._sender is asyncio.current_task()
+            except RuntimeError:  # closed outside any loop (its loop was closed under it): a later sender took over
+                mine = False
+            if mine:
+                self._sender = None
+                for _, result in self._waiting:  # only when the sender was cancelled: the bot is stopping
+                    result.cancel()
+                self._waiting = []
 
 
 class Deliveries:

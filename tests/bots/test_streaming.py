@@ -473,3 +473,35 @@ def test_cooldowns_of_messages_that_arrive_together_are_checked_together(redis_p
     assert sorted(int(k.rsplit(b":", 1)[1]) for k in r.keys("test:cool:*")) == list(range(20))
     assert asyncio.run(Cooldowns(r, "test:cool:", 0).left(5)) == 0.0
     assert asyncio.run(cooldowns.left(None)) == 0.0  # no user (a channel post): nothing to cool
+
+
+def test_group_commit_outlives_a_loop_closed_under_it():
+    """A loop closed while its sender had a batch out (without cancelling its tasks) leaves that sender and its items
+    behind: a put from a new loop starts a sender of its own and gets its result, the old loop's items are not sent."""
+    import threading
+
+    from bots.streaming import GroupCommit
+
+    release = threading.Event()
+    sent: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        sent.append(list(items))
+        if "first" in items:
+            release.wait(5)
+        return [item.upper() for item in items]
+
+    commit = GroupCommit(run, 8, "test")
+    old = asyncio.new_event_loop()
+
+    async def start() -> None:
+        old.create_task(commit.put("first"))
+        await asyncio.sleep(0.05)  # its batch is out
+        old.create_task(commit.put("behind"))  # waits behind it in the old loop
+        await asyncio.sleep(0)
+
+    old.run_until_complete(start())
+    old.close()  # with the sender and both puts still pending
+    release.set()
+    assert asyncio.run(asyncio.wait_for(commit.put("new"), 5)) == "NEW"
+    assert ["new"] in sent and not any("behind" in batch for batch in sent)
