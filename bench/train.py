@@ -224,18 +224,19 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
 
 def table(rows: list[dict], skip: int = 5) -> str:
     head = (f"| preset | settings | steps | real tokens | tok/s | tok/s after {skip} steps | median step tok/s | stalls (s) "
-            "| peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|---|---|---|")
+            "| checkpointing | peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['settings']} | failed: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['preset']} | {r['settings']} | failed: {r['error'][:120]} | | | | | | | | |")
             continue
         steady = f"{r['steady_tokens_per_second']:,}" if r.get("steady_tokens_per_second") else "-"
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
         median = f"{r['median_step_tokens_per_second']:,}" if r.get("median_step_tokens_per_second") else "-"
         stalls = f"{r.get('stalled_steps', 0)} ({r.get('stall_seconds', 0.0)})"
         lines.append(f"| {r['preset']} | {r['settings'] or '(defaults)'} | {r['steps']} | {r['real_tokens']:,} | "
-                     f"{r['tokens_per_second']:,} | {steady} | {median} | {stalls} | {r['peak_memory_gib']} ({r['peak_memory_kind']}) | {loss} |")
+                     f"{r['tokens_per_second']:,} | {steady} | {median} | {stalls} | {r.get('gradient_checkpointing') or '-'} | "
+                     f"{r['peak_memory_gib']} ({r['peak_memory_kind']}) | {loss} |")
     return "\n".join([head, *lines])
 
 

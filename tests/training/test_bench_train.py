@@ -44,6 +44,8 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     assert result["loss_gaps"]["default"]["max_abs_gap"] < 0.01, result["loss_gaps"]
     assert set(result["loss_gaps"]["packed"]) == {"mean_abs_gap", "max_abs_gap", "final_gap", "from_share"}
     assert "| recipe |" in proc.stdout and "| default |" in proc.stdout and "| packed |" in proc.stdout
+    # whether a run recomputed its activations, as `auto` resolved it (on the CPU: on), in the JSON and the table
+    assert default["gradient_checkpointing"] == "true" and "| checkpointing |" in proc.stdout
     # the host the figures were measured on, by bench.host_probe in a process of its own
     import torch
 
