@@ -19,11 +19,11 @@ import discord
 import yarl
 from discord import app_commands
 
-from bots.streaming import Cooldowns, Deliveries, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
+from bots.streaming import (Cooldowns, Deliveries, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines,
+                            story_and_turn)
 from shared.client import Turn, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
-from shared.sessions import Session
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -173,14 +173,9 @@ class ShallowDiscord(discord.Client):
             and (not dc.allowed_users or user_id in dc.allowed_users)
         )
 
-    def story_and_turn(self, channel: str) -> tuple[Session | None, str | None]:
-        """The channel's story and the job writing there, if any (blocking: run in a thread, off the bot's loop)."""
-        return self.turns.store.get(channel, Mode.STORY), self.turns.store.turn_in_flight(channel)
-
     def refuse_once(self, channel_id: int, user_id: int) -> bool:
         """True the first time a day that this user is told they are outside the allowlist here."""
         return first_time(self.r, f"shallow:dc:refused:{channel_id}:{user_id}")
-
 
     async def start_turn(self, channel: discord.abc.Messageable, placeholder: discord.Message | None,
                          turn: Turn, reference: discord.Message | None = None) -> None:
@@ -340,7 +335,7 @@ class ShallowDiscord(discord.Client):
             await interaction.response.send_message("Sorry, this bot is not open to you here.", ephemeral=True)
             return
         channel = self.channel_key(interaction.channel_id)
-        story, busy = await asyncio.to_thread(self.story_and_turn, channel)
+        story, busy = await asyncio.to_thread(story_and_turn, self.turns, channel)
         if story is None or story.id != session_id:
             await interaction.response.edit_message(view=None)
             await interaction.followup.send("This story has ended. `/story start <title>` begins a new one.", ephemeral=True)

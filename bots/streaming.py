@@ -17,7 +17,8 @@ import redis
 
 from shared.client import FollowEvent, Owed, ReplyText, Submitted, Turn, TurnClient, Waiting
 from shared.errors import BadInput, ChannelBusy, ConfigError
-from shared.protocol import Chunk, Done, Error, Start, new_id
+from shared.protocol import Chunk, Done, Error, Mode, Start, new_id
+from shared.sessions import Session
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,11 @@ class Cooldowns:
         return cooldowns_left(self.r, [f"{self.prefix}{u}" for u in user_ids], self.seconds)
 
 
+def story_and_turn(client: TurnClient, channel: str) -> tuple[Session | None, str | None]:
+    """What a story button needs: the channel's story and the job writing there, if any (blocking: run in a thread)."""
+    return client.store.get(channel, Mode.STORY), client.store.turn_in_flight(channel)
+
+
 def status_lines(client: TurnClient, channel: str) -> list[str]:
     """What /status says: workers, the queue, and where this channel's reply is (blocking: run in a thread)."""
     st = client.status()
@@ -298,8 +304,7 @@ class Deliveries:
         self.pending = PendingReplies(client, platform)
         self.surface_for = surface_for  # where (platform ids, session, turn) -> the Surface to show it on
         self.tasks: set[asyncio.Task] = set()  # held so that running deliveries are not garbage-collected
-        self.batch = batch  # the most turns one enqueue's round trips take
-        self._turns = GroupCommit(self._enqueue, batch, "enqueue")
+        self._turns = GroupCommit(self._enqueue, batch, "enqueue")  # batch: the most turns one enqueue's round trips take
         self._delivered = GroupCommit(self._owed_no_more, DONE_BATCH, "delivered")
 
     async def submit(self, turn: Turn, where: dict[str, Any], refuse: Callable[[str], Awaitable[Any]]) -> str | None:

@@ -26,7 +26,8 @@ from telegram.ext import (
     filters,
 )
 
-from bots.streaming import Cooldowns, Deliveries, GroupCommit, first_time, ids_from_env, prepare_bot_loop, split_text, status_lines
+from bots.streaming import (Cooldowns, Deliveries, GroupCommit, first_time, ids_from_env, prepare_bot_loop, split_text,
+                            status_lines, story_and_turn)
 from shared.client import Turn, TurnClient
 from shared.errors import BadInput, ConfigError
 from shared.protocol import Done, Mode
@@ -237,9 +238,6 @@ class TelegramBot:
             return True, None
         return False, self.client.store.turn_in_flight(self.channel(chat_id))
 
-    def _story_and_turn(self, channel: str) -> tuple[Session | None, str | None]:
-        return self.client.store.get(channel, Mode.STORY), self.client.store.turn_in_flight(channel)
-
     def _take_titles(self, chat_ids: list[int]) -> list[bool]:
         """Whether /story was waiting for a title in each chat (it waits no more), in one round trip."""
         with self.r.pipeline(transaction=False) as p:
@@ -420,7 +418,7 @@ class TelegramBot:
             return
         chat_id = query.message.chat_id if query.message else update.effective_chat.id
         channel = self.channel(chat_id)
-        story, busy = await asyncio.to_thread(self._story_and_turn, channel)
+        story, busy = await asyncio.to_thread(story_and_turn, self.client, channel)
         if story is None or story.id != session_id:
             await query.answer("This story has ended. Start a new one with /story <title>.", show_alert=True)
             await _drop_keyboard(query)

@@ -450,12 +450,13 @@ def test_group_commit_stopped_with_the_bot_cancels_what_waits():
 
 def test_cooldowns_of_messages_that_arrive_together_are_checked_together(redis_proc):
     """A bot checks each message's per-user cooldown off its loop, the messages that arrive together in one round
-    trip: here 30 messages of 20 users while the first check is held in Redis (CLIENT PAUSE WRITE). Each user's
-    first message may go (its cooldown starts), their second in the same burst gets the time left; no cooldown
-    (0 s) lets everything through."""
+    trip: here 30 messages of 20 users while the first check is held in Redis (CLIENT PAUSE WRITE): 2 round trips in
+    all (a pool thread and a round trip each, as before session 24: 30). Each user's first message may go (its
+    cooldown starts), their second in the same burst gets the time left; no cooldown (0 s) lets everything through."""
     import redis as redis_py
 
     from bots.streaming import Cooldowns
+    from tests.round_trips import round_trips
 
     r = redis_py.Redis.from_url(redis_proc.url)
     cooldowns = Cooldowns(r, "test:cool:", 30.0)
@@ -463,9 +464,12 @@ def test_cooldowns_of_messages_that_arrive_together_are_checked_together(redis_p
     async def main() -> list[float]:
         first = asyncio.create_task(cooldowns.left(0))
         r.execute_command("CLIENT", "PAUSE", 300, "WRITE")
-        await asyncio.sleep(0.1)
-        rest = [asyncio.create_task(cooldowns.left(i % 20)) for i in range(1, 30)]
-        return await asyncio.gather(first, *rest)
+        with round_trips(r) as sent:
+            await asyncio.sleep(0.1)  # the first check goes, and is held
+            rest = [asyncio.create_task(cooldowns.left(i % 20)) for i in range(1, 30)]
+            waits = await asyncio.gather(first, *rest)
+        assert len(sent) == 2, len(sent)
+        return waits
 
     waits = asyncio.run(main())
     assert waits[:20] == [0.0] * 20  # users 0-19, each their first message

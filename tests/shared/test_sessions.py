@@ -92,20 +92,12 @@ def test_sessions_expire_after_the_configured_time(store):
 
 
 def _count_round_trips(r, action):
-    """What `action()` returns, and how many round trips to Redis it took (each command or pipeline takes one
-    connection from the pool)."""
-    sent = []
-    real = r.connection_pool.get_connection
+    """What `action()` returns, and how many round trips to Redis it took."""
+    from tests.round_trips import round_trips
 
-    def counting(*args, **kwargs):
-        sent.append(1)
-        return real(*args, **kwargs)
-
-    r.connection_pool.get_connection = counting
-    try:
-        return action(), len(sent)
-    finally:
-        r.connection_pool.get_connection = real
+    with round_trips(r) as sent:
+        result = action()
+    return result, len(sent)
 
 
 def test_a_message_is_enqueued_in_two_round_trips_with_its_session_kept(redis_proc, tmp_path):
@@ -269,20 +261,26 @@ def test_a_turn_that_cannot_be_written_fails_alone_in_a_batch(redis_proc, tmp_pa
     are enqueued in the same transaction, none of its commands are sent, and its channel is free again."""
     from dataclasses import replace
 
-    from shared.client import Turn, TurnClient
+    import json
+
+    from shared.client import Owed, Turn, TurnClient
     from shared.protocol import new_id
     from shared.settings import Settings
 
     client = TurnClient(replace(Settings.from_env(), redis_url=redis_proc.url, home=tmp_path))
     client.say("b:warm", "hello")  # RQ reads the server's version once per queue, on its first job
-    turns = [Turn("say", "b:0", "hello"), Turn("say", "b:bad", "hello", reply_to={"message": object()}),
-             Turn("say", "b:2", "hello")]
+    # b:late fails after its job's commands are queued (its owed record's second form cannot be written), b:early
+    # before any are (its job's arguments cannot be serialized)
+    late = Owed(key="b:owed", first="{}", then=lambda sub: json.dumps({"where": object()}))
+    turns = [Turn("say", "b:0", "hello"), Turn("say", "b:late", "hello"), Turn("say", "b:2", "hello"),
+             Turn("say", "b:early", "hello", reply_to={"message": object()})]
     ids = [new_id() for _ in turns]
-    results = client.submit_many(turns, ids, [None] * 3)
-    assert isinstance(results[1], TypeError)
+    results = client.submit_many(turns, ids, [None, late, None, None])
+    assert isinstance(results[1], TypeError) and isinstance(results[3], TypeError)
     for i in (0, 2):
         assert results[i].job_id == ids[i] and client.queue.fetch_job(ids[i]).get_status().value == "queued"
-    assert client.queue.fetch_job(ids[1]) is None and client.store.turn_in_flight("b:bad") is None
-    assert client.store.get("b:bad", Mode.CHAT) is None  # nothing of it was written
-    again = client.say("b:bad", "hello again")  # the channel takes its next turn
+    for i, channel in ((1, "b:late"), (3, "b:early")):
+        assert client.queue.fetch_job(ids[i]) is None and client.store.turn_in_flight(channel) is None
+        assert client.store.get(channel, Mode.CHAT) is None  # nothing of it was written
+    again = client.say("b:late", "hello again")  # the channel takes its next turn
     assert client.queue.fetch_job(again.job_id) is not None
