@@ -16,7 +16,7 @@ different machines can be read together:
 - `redis_parser`: "hiredis" when redis-py packs commands and parses replies in C (hiredis, a dependency of
   shallow's), "python" when hiredis is missing: every Redis command then costs the interpreter more, the worker's
   RQ bookkeeping (~57 commands a job) and the bots' enqueue (~13 a turn) too. The GPU machine's prepared
-  site-packages lacked it until session 24, so the serving figures measured there before it are without it.
+  site-packages lack it (no session recorded adding it before session 24's call 4).
 
 Each figure is the best of several runs, so that a passing stall of the box does not count. `shallow bench
 train` runs it (`measure`) in a process of its own before its presets (so that the bench's own process holds no
