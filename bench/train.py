@@ -29,6 +29,8 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
            before session 11)
   cpp      the defaults with Inductor's C++ wrapper on (`--cpp-wrapper true`: the compiled graphs' launch code in
            C++; `auto`, the default, turns it on only for runs of 5,000 steps or more, so not for the bench's)
+  guarded  the defaults with every compiled call's guards checked throughout (`--skip-guards false`: the defaults
+           before session 25)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -75,7 +77,8 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
     return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
-PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp")
+PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp",
+           "guarded")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -110,6 +113,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--no-gc-freeze"]
     if name == "cpp":
         return ["--cpp-wrapper", "true"]
+    if name == "guarded":
+        return ["--skip-guards", "false"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 
@@ -216,6 +221,7 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "garbage_collection": record.get("garbage_collection"),
         "gradient_checkpointing": record["config"].get("gradient_checkpointing"),  # as `auto` resolved it
         "gpu_memory_limit_gib": record.get("gpu_memory_limit_gib"),
+        "guards_skipped": record.get("guards_skipped"),  # from which step, and for how many, the guards were skipped
         "curve": points,
         "step_times": steps,
         "step_gc_pauses": step_gc_pauses(history),
@@ -224,18 +230,20 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
 
 def table(rows: list[dict], skip: int = 5) -> str:
     head = (f"| preset | settings | steps | real tokens | tok/s | tok/s after {skip} steps | median step tok/s | stalls (s) "
-            "| checkpointing | peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "| checkpointing | guards skipped | peak memory GiB | loss at the end |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['settings']} | failed: {r['error'][:120]} | | | | | | | | |")
+            lines.append(f"| {r['preset']} | {r['settings']} | failed: {r['error'][:120]} | | | | | | | | | |")
             continue
         steady = f"{r['steady_tokens_per_second']:,}" if r.get("steady_tokens_per_second") else "-"
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
         median = f"{r['median_step_tokens_per_second']:,}" if r.get("median_step_tokens_per_second") else "-"
         stalls = f"{r.get('stalled_steps', 0)} ({r.get('stall_seconds', 0.0)})"
+        skipped = r.get("guards_skipped") or {}
+        guards = f"from step {skipped['from_step']} ({skipped['steps']} steps)" if skipped.get("from_step") is not None else "-"
         lines.append(f"| {r['preset']} | {r['settings'] or '(defaults)'} | {r['steps']} | {r['real_tokens']:,} | "
-                     f"{r['tokens_per_second']:,} | {steady} | {median} | {stalls} | {r.get('gradient_checkpointing') or '-'} | "
+                     f"{r['tokens_per_second']:,} | {steady} | {median} | {stalls} | {r.get('gradient_checkpointing') or '-'} | {guards} | "
                      f"{r['peak_memory_gib']} ({r['peak_memory_kind']}) | {loss} |")
     return "\n".join([head, *lines])
 

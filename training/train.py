@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import functools
 import logging
 import math
 import os
@@ -144,6 +145,14 @@ class TrainConfig:
                     "while the wrappers compile (docs/training.md, sessions 14-16). 'auto' (default): on for a run of "
                     f"{CPP_WRAPPER_MIN_STEPS:,} optimizer steps or more, where the steps repay the compile; 'true' or 'false'",
             "choices": ["auto", "true", "false"]})
+    skip_guards: str = field(
+        default="auto", metadata={
+            "help": "CUDA: once the first steps have compiled what they need, TorchDynamo stops re-checking every compiled "
+                    "call's guards (torch.compiler.set_stance's skip_guard_eval_unsafe; ~0.5 ms for each of 16 calls a "
+                    "step on an H200, docs/training.md): only the checks that told graphs apart so far still run, and "
+                    "the full checks come back for evaluations and each epoch's last step. 'auto' (default): on where "
+                    "unsloth compiles the model; 'true' or 'false'",
+            "choices": ["auto", "true", "false"]})
     max_gpu_memory: float | None = field(
         default=None, metadata={
             "help": "train within this many GiB of the GPU (e.g. 14.5 for a 16 GB card's budget, or to leave room for "
@@ -162,11 +171,12 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: s
     if hasattr(cfg, "gradient_checkpointing"):  # a YAML value skips argparse's choices: checked here
         mode = checkpointing_mode(cfg.gradient_checkpointing)
         cfg.gradient_checkpointing = mode if isinstance(mode, str) else str(mode).lower()
-    if hasattr(cfg, "cpp_wrapper"):  # the same for --cpp-wrapper
-        mode = str(cfg.cpp_wrapper).lower()
-        if mode not in ("auto", "true", "false"):
-            raise ConfigError(f"--cpp-wrapper must be auto, true or false, not {cfg.cpp_wrapper!r}")
-        cfg.cpp_wrapper = mode
+    for name in ("cpp_wrapper", "skip_guards"):  # the same for these
+        if hasattr(cfg, name):
+            mode = str(getattr(cfg, name)).lower()
+            if mode not in ("auto", "true", "false"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be auto, true or false, not {getattr(cfg, name)!r}")
+            setattr(cfg, name, mode)
     if (getattr(cfg, "dataloader_num_workers", None) or 0) < 0:
         raise ConfigError(f"--dataloader-num-workers must be 0 or more, not {cfg.dataloader_num_workers}")
     return cfg
@@ -365,6 +375,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     pauses = GarbageCollection(freeze=cfg.gc_freeze)
     trainer.add_callback(pauses)
     trainer.add_callback(keeper)
+    guards = SkipGuards(enabled=skipping_guards(cfg, torch.cuda.is_available(), unsloth))
+    cfg.skip_guards = "true" if guards.enabled else "false"  # recorded as resolved in run.json's config
+    trainer.add_callback(guards)
+    if guards.enabled:
+        trainer.training_step = guards.guarded(trainer.training_step)
     if cfg.profile_steps > 0:
         trainer.add_callback(Profile(out / "profile.txt", skip=max(cfg.warmup_steps, 2), steps=cfg.profile_steps))
 
@@ -408,6 +423,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "peak_memory_kind": "cuda max allocated" if torch.cuda.is_available() else "process max resident set",
         "gpu_memory_limit_gib": cfg.max_gpu_memory if torch.cuda.is_available() else None,
         "garbage_collection": pauses.record(),
+        "guards_skipped": guards.record(),
         "best_eval_loss": keeper.best,
         "stopped_early": keeper.stopped,
         "adapter": str(out / "adapter"),
@@ -624,6 +640,112 @@ class GarbageCollection(TrainerCallback):
     def record(self) -> dict[str, Any]:
         """Collections and seconds paused, per generation, from the start of training to its end."""
         return self.pauses.record()
+
+
+def skipping_guards(cfg: TrainConfig, cuda: bool, unsloth: bool) -> bool:
+    """--skip-guards as this run resolves it: `auto` is on where something is compiled (unsloth, on CUDA)."""
+    mode = str(cfg.skip_guards).lower()
+    if mode == "auto":
+        return cuda and unsloth
+    return mode == "true"
+
+
+class SkipGuards(TrainerCallback):
+    """Once the first steps have compiled what training needs, TorchDynamo stops evaluating every guard before each
+    compiled call and runs only the "diff" guards, those that have failed before (they told one compiled graph of a
+    function from another): `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, made for a warmed-up training
+    loop. Unsafe where a later call would have needed a new graph; so it starts only after `WARM` steps of which the
+    last `QUIET` compiled nothing, and the full checks come back (until the next quiet stretch) for anything the first
+    steps may not have met: an evaluation, and the last step of each epoch (its batch may be short). A call that fails
+    every check still run finds no graph and raises: `guarded` runs that micro-batch again with every check (and
+    they stay on until quiet again). Off at the end."""
+
+    WARM = 20  # optimizer steps of this process at least
+    QUIET = 10  # steps in a row that compiled no new graph
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.skipping = False
+        self.steps_per_epoch: int | None = None
+        self.first_step: int | None = None  # the global step skipping first began at (None: never)
+        self.skipped_steps = 0
+        self.retried = 0  # micro-batches run again with every check, after a call needed a new graph while skipping
+
+    @staticmethod
+    def _graphs() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def _set(self, skipping: bool) -> None:
+        import torch
+
+        if skipping != self.skipping:
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=skipping)
+            self.skipping = skipping
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = state.global_step  # a resumed run compiles again
+        self.graphs, self.quiet_since = self._graphs(), state.global_step
+        loader = kwargs.get("train_dataloader")
+        try:
+            self.steps_per_epoch = max(1, -(-len(loader) // args.gradient_accumulation_steps))
+        except TypeError:  # no length (an iterable dataset): no epoch ends to know
+            self.steps_per_epoch = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.skipping and self.steps_per_epoch and (state.global_step + 1) % self.steps_per_epoch == 0:
+            self._set(False)  # an epoch's last step: its batch may be one the first steps never had
+            self.quiet_since = state.global_step + 1
+        elif self.skipping:
+            self.skipped_steps += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.enabled:
+            return
+        graphs = self._graphs()
+        if graphs != self.graphs:  # something new compiled: every check until quiet again
+            self.graphs, self.quiet_since = graphs, state.global_step
+            self._set(False)
+        if control.should_evaluate:  # the evaluation comes next, in eval mode: every guard checked
+            self._set(False)
+            self.quiet_since = state.global_step
+        elif (not self.skipping and state.global_step - self.started >= self.WARM
+              and state.global_step - self.quiet_since >= self.QUIET):
+            self._set(True)
+            if self.first_step is None:
+                self.first_step = state.global_step
+                logger.info("compiled calls check only the guards that told their graphs apart, from step %d", state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:
+            self._set(False)
+            self.quiet_since = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._set(False)
+
+    def record(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "from_step": self.first_step, "steps": self.skipped_steps, "retried": self.retried}
+
+    def guarded(self, training_step):
+        """`training_step` (the Trainer's, one micro-batch's forward and backward) that survives a call needing a new
+        graph while the guards are skipped: TorchDynamo raises rather than compile then, before any backward of that
+        micro-batch has run, so the guards come back and the micro-batch runs again from its start."""
+
+        @functools.wraps(training_step)
+        def step(*args, **kwargs):
+            try:
+                return training_step(*args, **kwargs)
+            except RuntimeError as exc:
+                if not self.skipping or "skip_guard_eval_unsafe" not in str(exc):
+                    raise
+                logger.info("a compiled call needed a new graph while its guards were skipped: run again with them")
+                self._set(False)
+                self.retried += 1
+                return training_step(*args, **kwargs)
+
+        return step
 
 
 class Profile(TrainerCallback):

@@ -390,6 +390,110 @@ def test_training_freezes_what_is_alive_from_the_collector_and_lets_go_at_the_en
         callback.pauses.stop()
 
 
+WORDS = {"A": "a", "B": "b", "C": "c"}  # globals read by a compiled function: each guarded by its value
+
+
+def _words_read(x):
+    return x * (len(A) + 10 * len(B) + 100 * len(C))  # noqa: F821 (set through globals())
+
+
+def test_compiled_calls_skip_their_guards_only_after_quiet_first_steps_and_not_at_an_epochs_end_or_evaluation():
+    """SkipGuards on a real TrainerState over a function compiled by TorchDynamo, which reads three globals (strings:
+    each a guard on its value). While the guards are checked, a changed global recompiles and its new value shows;
+    once skipped, the graph compiled before runs and the old value shows. They are skipped from the 20th step when
+    the 10 steps before compiled nothing, checked again for an epoch's last step and for an evaluation (until 10
+    quiet steps more), after anything new compiles, and at the end; a step that needs a new graph while they are
+    skipped runs again with them (TorchDynamo raises rather than compile under the stance)."""
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    from training.train import SkipGuards
+
+    compiled = torch.compile(_words_read, backend="eager")
+    calls = []
+
+    def training_step(x):  # what the Trainer's training_step is to `guarded`: it may be run again
+        calls.append(state.global_step + 1)
+        return compiled(x)
+
+    args = type("Args", (), {"gradient_accumulation_steps": 2})()
+    callback, state, control = SkipGuards(enabled=True), TrainerState(), TrainerControl()
+    training_step = callback.guarded(training_step)
+    seen: dict[int, int] = {}
+
+    def step(**words: str) -> None:
+        callback.on_step_begin(args, state, control)
+        globals().update(words)
+        seen[state.global_step + 1] = int(training_step(torch.ones(1))[0])
+        state.global_step += 1
+        callback.on_step_end(args, state, control)
+
+    globals().update(WORDS)
+    try:
+        callback.on_train_begin(args, state, control, train_dataloader=list(range(60)))  # 60 micro-batches of 2
+        assert callback.steps_per_epoch == 30
+        for _ in range(5):
+            step()
+        step(A="aa")  # step 6 compiles a second graph: the quiet stretch starts there
+        for _ in range(13):
+            step()
+        assert not callback.skipping  # 19 steps
+        step()
+        assert callback.skipping and callback.first_step == 20  # 20 steps, the last 14 quiet
+        assert seen[1] == 111 and seen[6] == 112 == seen[20]
+        for _ in range(9):
+            step(B="bb")  # steps 21-29: skipped, so the graph of B == "b" runs
+        assert seen[21] == seen[29] == 112
+        step()  # step 30, the epoch's last: checked, B's new value recompiles
+        assert seen[30] == 122 and not callback.skipping
+        for _ in range(9):
+            step()
+        assert not callback.skipping  # steps 31-39: the quiet stretch again, since step 30's compile
+        step()
+        assert callback.skipping  # step 40
+        step(C="cc")
+        assert seen[41] == 122  # skipped
+        control.should_evaluate = True
+        step()  # step 42 is evaluated after it: checked from its end
+        control.should_evaluate = False
+        assert not callback.skipping
+        step()
+        assert seen[43] == 222  # checked: C's new value compiled
+        for _ in range(9):
+            step()
+        assert not callback.skipping
+        step()
+        assert callback.skipping  # step 53: 10 quiet steps after step 43's compile
+        # a check that told graphs apart (A's, failed at step 6) still runs, fails for every graph, and TorchDynamo
+        # raises rather than compile: the step runs again with every check, and compiles
+        step(A="aaa")
+        assert seen[54] == 223 and calls.count(54) == 2 and not callback.skipping
+        callback.on_train_end(args, state, control)
+        assert not callback.skipping
+        assert callback.record() == {"enabled": True, "from_step": 20, "steps": 12, "retried": 1}  # 21-29, 41, 42, 54
+        with pytest.raises(RuntimeError, match="not this"):  # other errors go through, once
+            callback.guarded(lambda: (calls.append("x"), (_ for _ in ()).throw(RuntimeError("not this"))))()
+        assert calls.count("x") == 1
+    finally:
+        torch.compiler.set_stance("default")
+        globals().update(WORDS)
+
+
+def test_skip_guards_resolves_auto_to_where_unsloth_compiles_and_refuses_other_values(tmp_path):
+    from training.train import parse_config, skipping_guards
+
+    assert parse_config([]).skip_guards == "auto"
+    assert skipping_guards(parse_config([]), cuda=True, unsloth=True) is True
+    assert skipping_guards(parse_config([]), cuda=True, unsloth=False) is False
+    assert skipping_guards(parse_config([]), cuda=False, unsloth=False) is False
+    assert skipping_guards(parse_config(["--skip-guards", "false"]), cuda=True, unsloth=True) is False
+    assert skipping_guards(parse_config(["--skip-guards", "true"]), cuda=False, unsloth=False) is True
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("skip_guards: sometimes\n")
+    with pytest.raises(ConfigError, match="--skip-guards must be auto, true or false"):
+        parse_config(["--config", str(bad)])
+
+
 def test_cpp_wrapper_makes_the_compiled_graphs_launch_from_cpp_and_says_when_it_cannot(tmp_path, capsys):
     """--cpp-wrapper, set after torch is imported (as `train` does), still reaches the compiles that follow: a
     function compiled afterwards gets a C++ wrapper (on this CPU; unsloth's graphs on CUDA take the same path).
