@@ -3,7 +3,7 @@ the linear layers to torchao's int4 layout, and the slot engine (CUDA graphs) wr
 with the same weights (the prompt through the bf16 copy, each next token through the int4 one, as the engine runs
 them), up to the first step where the loop's two best tokens are within bf16 rounding of each other (random
 weights have near ties; the engine's attention over its cache rounds differently, so past a near tie either
-token is right), over six prompts. How much int4 changes a trained model's replies is not measured here: random
+token is right), over as many prompts (of 24) as give 12 such steps. How much int4 changes a trained model's replies is not measured here: random
 weights are all there is on the GPU machine (their int4 logits are far from their bf16 ones, cosine 0.72,
 as int4 rounds Gaussian weights by ~10%).
 """
@@ -32,7 +32,14 @@ def near_tie(top: float, margin: float) -> bool:
     return margin <= TIE_ULPS * ulp
 
 PROMPTS = ["Tell me about the sea.", "What is your favourite ship and why?", "Count to twenty.", "Name three rivers.",
-           "Write a poem about a cat.", "Where do whales sleep?"]
+           "Write a poem about a cat.", "Where do whales sleep?", "Why is the sky blue?", "Describe a storm at sea.",
+           "What do owls eat?", "Tell me a story about a dragon.", "How is bread made?", "What is the tallest mountain?",
+           "Sing me a sea shanty.", "Who was the first pirate?", "Explain the tides.", "List four planets.",
+           "What colour is a parrot?", "How far away is the moon?", "Give me a riddle.", "What is a compass for?",
+           "Name a famous castle.", "How do ships float?", "What is your name?", "Say something kind."]
+# random weights often have a near tie at a prompt's first steps (session 25: 3 clear steps over the first six
+# prompts, margins of 0.0 among them), so the test goes through prompts until it has compared this many clear steps
+ENOUGH_CLEAR_STEPS = 12
 
 
 def test_int4_weights_serve_what_a_greedy_loop_writes_on_them(llama_dir, adapter_dir):  # noqa: F811
@@ -95,11 +102,13 @@ def test_int4_weights_serve_what_a_greedy_loop_writes_on_them(llama_dir, adapter
             assert len(got) == NEW
             compared.append((got[:clear], expected[:clear], [round(m, 3) for _, m in margins[:clear + 1]]))
             clear_steps += clear
+            if clear_steps >= ENOUGH_CLEAR_STEPS:
+                break
         for got_clear, expected_clear, margins_seen in compared:
             print(f"int4: engine {got_clear} loop {expected_clear} margins {margins_seen}")
         print(f"int4: {clear_steps} clear steps compared; layer 0 q/k/v product error {product_error:.3f}")
         assert all(g == e for g, e, _ in compared)
-        assert clear_steps >= 6, "too few steps without a near tie to compare: a new checkpoint?"
+        assert clear_steps >= 6, f"too few steps without a near tie to compare over {len(compared)} prompts: a new checkpoint?"
         assert 0.01 < product_error < 0.2  # quantized (not left in bf16), and by 4-bit groups, not worse
     finally:
         backend.close()

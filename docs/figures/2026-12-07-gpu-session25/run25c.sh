@@ -1,0 +1,2 @@
+# session 25, call 4: tests/gpu/test_int4.py again, going through prompts until 12 clear steps (call 3's six prompts gave 3)
+source .gpu/env.sh; out=$OUT/s25c; mkdir -p $out; source bench/gpu_models.sh; SHALLOW_TEST_LLAMA_DIR=$base timeout 230 python -m pytest -o addopts="" -p no:cacheprovider -p no:valkey -q -s tests/gpu/test_int4.py > $out/gpu-test-int4.txt 2>&1; echo rc=$?; grep -E "^int4:|passed|failed|^E " $out/gpu-test-int4.txt | tail -30
