@@ -10,8 +10,8 @@ trl elsewhere (trl's `assistant_only_loss`). Same command line, same outputs.
 from __future__ import annotations
 
 import csv
-import json
 import functools
+import json
 import logging
 import math
 import os
@@ -148,8 +148,8 @@ class TrainConfig:
     skip_guards: str = field(
         default="auto", metadata={
             "help": "CUDA: once the first steps have compiled what they need, TorchDynamo stops re-checking every compiled "
-                    "call's guards (torch.compiler.set_stance's skip_guard_eval_unsafe; ~0.5 ms for each of 16 calls a "
-                    "step on an H200, docs/training.md): only the checks that told graphs apart so far still run, and "
+                    "call's guards (torch.compiler.set_stance's skip_guard_eval_unsafe; 1.5-2 ms of a ~107 ms step on an "
+                    "H100, docs/training.md, session 25): only the checks that told graphs apart so far still run, and "
                     "the full checks come back for evaluations and each epoch's last step. 'auto' (default): on where "
                     "unsloth compiles the model; 'true' or 'false'",
             "choices": ["auto", "true", "false"]})
@@ -730,8 +730,10 @@ class SkipGuards(TrainerCallback):
 
     def guarded(self, training_step):
         """`training_step` (the Trainer's, one micro-batch's forward and backward) that survives a call needing a new
-        graph while the guards are skipped: TorchDynamo raises rather than compile then, before any backward of that
-        micro-batch has run, so the guards come back and the micro-batch runs again from its start."""
+        graph while the guards are skipped: TorchDynamo raises rather than compile then, in the forward pass, before
+        any gradient of that micro-batch exists, so the guards come back and the micro-batch runs again from its start.
+        (A checkpointed layer's forward, run again in the backward, calls the graph its first run found, with the
+        same inputs: what needs a new graph needs it in the forward first.)"""
 
         @functools.wraps(training_step)
         def step(*args, **kwargs):
