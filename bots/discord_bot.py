@@ -48,6 +48,10 @@ class DiscordSettings:
     allowed_channels: frozenset[int] = field(default_factory=frozenset)
     allowed_users: frozenset[int] = field(default_factory=frozenset)
     cooldown: float = 2.0  # seconds between one user's turns
+    # this process as one shard of several (Discord's sharding: each shard gets the events of its own guilds, DMs go
+    # to shard 0): DISCORD_SHARD_ID of DISCORD_SHARD_COUNT; None: one process for every guild
+    shard_id: int | None = None
+    shard_count: int | None = None
 
     @classmethod
     def from_env(cls) -> DiscordSettings:
@@ -58,7 +62,8 @@ class DiscordSettings:
             cooldown = float(os.environ.get("DISCORD_COOLDOWN", "2") or 2)
         except ValueError:
             raise ConfigError("DISCORD_COOLDOWN must be a number of seconds") from None
-        return cls(
+        shard_id, shard_count = _shard_from_env()
+        return cls(shard_id=shard_id, shard_count=shard_count,
             token=token,
             api_base_url=os.environ.get("DISCORD_API_BASE_URL", "").strip() or cls.api_base_url,
             gateway_url=os.environ.get("DISCORD_GATEWAY_URL", "").strip() or cls.gateway_url,
@@ -68,10 +73,47 @@ class DiscordSettings:
             cooldown=cooldown,
         )
 
+    def owns(self, guild_id: int | None) -> bool:
+        """Whether this process gets the events of this guild (None: a DM, which Discord sends to shard 0)."""
+        if not self.shard_count or self.shard_count == 1:
+            return True
+        if guild_id is None:
+            return self.shard_id == 0
+        return shard_of(guild_id, self.shard_count) == self.shard_id
+
     def apply(self) -> None:
         """Point discord.py at these URLs. It has no option for them: these class attributes are what it reads."""
         discord.http.Route.BASE = self.api_base_url.rstrip("/")
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.gateway_url)
+
+
+def shard_of(guild_id: int, shard_count: int) -> int:
+    """The shard that gets a guild's events: Discord's rule, (guild_id >> 22) % shard_count."""
+    return (guild_id >> 22) % shard_count
+
+
+def guild_id_of(channel: object) -> int | None:
+    """A channel's guild id: from its guild when discord.py has it, else as the event gave it (a channel not cached
+    is a PartialMessageable with `guild_id`); None in a DM."""
+    guild = getattr(channel, "guild", None)
+    return guild.id if guild is not None else getattr(channel, "guild_id", None)
+
+
+def _shard_from_env() -> tuple[int | None, int | None]:
+    raw_id, raw_count = (os.environ.get(name, "").strip() for name in ("DISCORD_SHARD_ID", "DISCORD_SHARD_COUNT"))
+    if not raw_id and not raw_count:
+        return None, None
+    if not raw_id or not raw_count:
+        raise ConfigError("DISCORD_SHARD_ID and DISCORD_SHARD_COUNT go together: this process is shard ID of COUNT "
+                          "(0 to COUNT-1), one process a shard")
+    try:
+        shard_id, shard_count = int(raw_id), int(raw_count)
+    except ValueError:
+        raise ConfigError(f"DISCORD_SHARD_ID and DISCORD_SHARD_COUNT must be whole numbers, not {raw_id!r} and {raw_count!r}") from None
+    if shard_count < 1 or not 0 <= shard_id < shard_count:
+        raise ConfigError(f"DISCORD_SHARD_ID must be from 0 to DISCORD_SHARD_COUNT - 1 ({shard_count - 1}), not {shard_id}"
+                          if shard_count >= 1 else f"DISCORD_SHARD_COUNT must be 1 or more, not {shard_count}")
+    return shard_id, shard_count
 
 
 class ChoiceButton(discord.ui.DynamicItem[discord.ui.Button], template=r"story:(?P<session>[0-9a-f]+):(?P<turn>\d+):(?P<n>\d)"):
@@ -149,7 +191,7 @@ class ShallowDiscord(discord.Client):
         intents.guilds = True  # slash commands and channel data
         intents.guild_messages = True  # mentions and replies in servers (their content comes without the privileged intent)
         intents.dm_messages = True
-        super().__init__(intents=intents)
+        super().__init__(intents=intents, shard_id=dc.shard_id, shard_count=dc.shard_count)
         self.settings = settings
         self.dc = dc
         self.turns = client or TurnClient(settings)
@@ -182,7 +224,8 @@ class ShallowDiscord(discord.Client):
         """Placeholder at once, then the job; the reply streams into the placeholder."""
         if placeholder is None:
             placeholder = await channel.send("⏳ …", reference=reference, mention_author=False)
-        where = {"channel_id": placeholder.channel.id, "message_id": placeholder.id}
+        # the guild says which shard delivers the reply after a restart (Deliveries.resume)
+        where = {"channel_id": placeholder.channel.id, "message_id": placeholder.id, "guild_id": guild_id_of(channel)}
         await self.deliveries.submit(turn, where, lambda text: placeholder.edit(content=text))
 
     def _surface(self, where: dict) -> DiscordSurface:
@@ -196,8 +239,10 @@ class ShallowDiscord(discord.Client):
     async def setup_hook(self) -> None:
         prepare_bot_loop()  # a thread pool with room for a burst of turns, and the interpreter lock handed over every 1 ms
         self.add_dynamic_items(ChoiceButton)  # story buttons keep working after a restart
-        await self.tree.sync()
-        owed = self.deliveries.resume()
+        if not self.dc.shard_id:  # the commands are the application's: one shard registers them
+            await self.tree.sync()
+        # the replies owed in this shard's guilds (a record from before sharding has no guild: shard 0's)
+        owed = self.deliveries.resume(lambda where: self.dc.owns(where.get("guild_id")))
         if owed:
             logger.info("delivering %d replies owed from before the restart", owed)
 
@@ -359,6 +404,7 @@ def run(settings: Settings) -> int:
     dc.apply()
     discord.VoiceClient.warn_nacl = False  # no voice here: the warning about PyNaCl says nothing useful
     bot = ShallowDiscord(settings, dc)
-    logger.info("Discord bot starting (API %s, gateway %s)", dc.api_base_url, dc.gateway_url)
+    shard = f", shard {dc.shard_id} of {dc.shard_count}" if dc.shard_count else ""
+    logger.info("Discord bot starting (API %s, gateway %s%s)", dc.api_base_url, dc.gateway_url, shard)
     bot.run(dc.token, log_handler=None)  # logging is configured by the command line
     return 0

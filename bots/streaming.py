@@ -356,9 +356,10 @@ class Deliveries:
             except redis.RedisError:
                 logger.warning("could not remove the owed records of %d refused turns", len(job_ids), exc_info=True)
 
-    def resume(self) -> int:
-        """Deliver what was owed when the bot last stopped. Returns how many."""
-        owed = self.pending.all()
+    def resume(self, owns: Callable[[dict[str, Any]], bool] | None = None) -> int:
+        """Deliver what was owed when the bot last stopped (of it, what `owns` says is this process's: a shard's
+        own guilds). Returns how many."""
+        owed = [p for p in self.pending.all() if owns is None or owns(p.where)]
         for p in owed:
             self._spawn(p.job_id, p.where)
         return len(owed)

@@ -55,6 +55,9 @@ class FakeDiscord(ThreadedServer):
         self._ids = itertools.count(10_000)
         self._seq = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
+        self.shards: dict[int, tuple[int, int]] = {}  # id(socket) -> (shard id, shard count) it identified as
+        self.identified_shards: list[tuple[int, int]] = []
+        self.sent: list[tuple[int, int, str, str | None]] = []  # (shard id, count, event, channel id) of each event sent
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -87,12 +90,15 @@ class FakeDiscord(ThreadedServer):
             if op == 1:
                 await ws.send_str(json.dumps({"op": 11, "d": None, "s": None, "t": None}))
             elif op == 2:
+                shard = tuple(data["d"].get("shard") or (0, 1))  # [id, count]: this connection gets that shard's events
                 with self.lock:
                     self.identified += 1
+                    self.shards[id(ws)] = shard
+                    self.identified_shards.append(shard)
                 self._sockets.append(ws)
                 await self._send(ws, "READY", {
                     "v": 10, "user": self.bot_user, "guilds": [], "private_channels": [], "relationships": [],
-                    "session_id": f"session-{self.identified}", "resume_gateway_url": self.gateway_url, "shard": [0, 1],
+                    "session_id": f"session-{self.identified}", "resume_gateway_url": self.gateway_url, "shard": list(shard),
                     "application": {"id": str(self.app_id), "flags": 0},
                 })
         if ws in self._sockets:
@@ -103,10 +109,17 @@ class FakeDiscord(ThreadedServer):
         await ws.send_str(json.dumps({"op": 0, "s": next(self._seq), "t": event, "d": data}))
 
     def dispatch(self, event: str, data: dict) -> None:
-        """Send a gateway event to every connected bot (from the test's thread)."""
+        """Send a gateway event to every connected bot of its shard (from the test's thread), as Discord does: a
+        guild's events to shard (guild_id >> 22) % count, the rest (DMs) to shard 0."""
+        guild = data.get("guild_id")
+
         async def send_all() -> None:
             for ws in list(self._sockets):
-                await self._send(ws, event, data)
+                shard_id, count = self.shards.get(id(ws), (0, 1))
+                if (int(guild) >> 22) % count == shard_id if guild else shard_id == 0:
+                    with self.lock:
+                        self.sent.append((shard_id, count, event, data.get("channel_id")))
+                    await self._send(ws, event, data)
 
         self.run_in_loop(send_all())
 
@@ -124,8 +137,9 @@ class FakeDiscord(ThreadedServer):
                 "permissions": "2147483647"}
 
     def post(self, channel_id: int, content: str, *, user_id: int = 1, dm: bool = False, mention: bool = False,
-             reply_to: int | None = None, attachments: list[dict] | None = None, author_is_bot: bool = False) -> dict:
-        """A user's message in a channel (a guild channel unless `dm`)."""
+             reply_to: int | None = None, attachments: list[dict] | None = None, author_is_bot: bool = False,
+             guild_id: int | None = None) -> dict:
+        """A user's message in a channel (a guild channel unless `dm`; of `guild_id`, default the fake's guild)."""
         if mention:
             content = f"<@{self.bot_id}> {content}".rstrip()
         msg: dict[str, Any] = {
@@ -136,12 +150,12 @@ class FakeDiscord(ThreadedServer):
             "embeds": [], "pinned": False, "type": 0 if reply_to is None else 19, "flags": 0, "components": [],
         }
         if not dm:
-            msg["guild_id"] = str(self.guild_id)
+            msg["guild_id"] = str(guild_id or self.guild_id)
             msg["member"] = {k: v for k, v in self._member(user_id).items() if k != "user"}
         if reply_to is not None:
             ref = self.messages[reply_to]
             msg["message_reference"] = {"message_id": ref["id"], "channel_id": ref["channel_id"], **(
-                {"guild_id": str(self.guild_id)} if not dm else {})}
+                {"guild_id": str(guild_id or self.guild_id)} if not dm else {})}
             msg["referenced_message"] = ref
         with self.lock:
             self.messages[int(msg["id"])] = msg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,3 +330,87 @@ def test_outside_the_allowlist_is_refused_once_and_the_cooldown_holds(stack):
     stack.wait_reply(channel, n)
     assert sum("not open" in m["content"] for m in stack.fake.channel_messages(channel, bot_only=True)) == 1
     assert [m["content"] for m in stack.client.store.history(f"discord:{channel}", Mode.CHAT)][::2] == ["Hello there"]
+
+
+def test_two_shards_answer_their_own_guilds_and_deliver_only_their_own_owed_replies(stack):
+    """DISCORD_SHARD_ID of DISCORD_SHARD_COUNT: two bot processes on one token, the fake gateway sending each guild's
+    events to its shard as Discord does (DMs to shard 0). Each shard answers its own guilds; killed mid-reply, each
+    delivers when it is back only the replies owed in its own guilds: shard 1 alone leaves guild A's owed, and shard 0
+    delivers it when it comes back."""
+    stack.procs.kill(stack.bot, signal.SIGTERM)  # one bot (here: one set of shards) on the gateway at a time
+    guild_a, guild_b = 500, 1 << 22  # (guild_id >> 22) % 2: shard 0, shard 1
+
+    def start_shard(i: int):
+        before = len(stack.fake.identified_shards)
+        proc = stack.procs.start(["discord"], stack.env.vars(DISCORD_SHARD_ID=str(i), DISCORD_SHARD_COUNT="2"), f"shard{i}")
+
+        def identified():
+            if proc.poll() is not None:
+                raise AssertionError(proc.log_path.read_text()[-3000:])
+            return (i, 2) in stack.fake.identified_shards[before:]
+
+        wait_for(identified, 60, f"shard {i} to connect to the gateway")
+        return proc
+
+    shards = [start_shard(0), start_shard(1)]
+    a, b, dm = 720, 721, 830
+    first = len(stack.fake.sent)
+    na, nb, nd = stack.bot_count(a), stack.bot_count(b), stack.bot_count(dm)
+    stack.fake.post(a, "Name a river in guild A.", mention=True, guild_id=guild_a)
+    stack.fake.post(b, "Name a river in guild B.", mention=True, guild_id=guild_b, user_id=2)
+    stack.fake.post(dm, "Hello from a DM.", dm=True, user_id=3)
+    for channel, n in ((a, na), (b, nb), (dm, nd)):
+        final = stack.wait_reply(channel, n)
+        assert final["content"] == stack.client.store.history(f"discord:{channel}", Mode.CHAT)[-1]["content"]
+    shards_of = {ch: {(s, c) for s, c, event, sent_to in stack.fake.sent[first:] if sent_to == str(ch) and event == "MESSAGE_CREATE"}
+                 for ch in (a, b, dm)}
+    assert shards_of == {a: {(0, 2)}, b: {(1, 2)}, dm: {(0, 2)}}
+
+    # both killed while writing a reply each; the records say whose guild each is
+    a2, b2 = 722, 723
+    placeholders = {}
+    for channel, guild in ((a2, guild_a), (b2, guild_b)):
+        n = stack.bot_count(channel)
+        stack.fake.post(channel, "Describe a long voyage.", mention=True, guild_id=guild, user_id=4)
+        wait_for(lambda: stack.bot_count(channel) > n, 30, "the placeholder")
+        placeholders[channel] = stack.fake.channel_messages(channel, bot_only=True)[-1]
+
+    def owed() -> dict[int, dict]:  # channel id -> where its owed reply goes
+        return {json.loads(v)["where"]["channel_id"]: json.loads(v)["where"] for v in stack.client.r.hvals("shallow:pending:discord")}
+
+    wait_for(lambda: {ch for ch, w in owed().items() if w.get("session_id")} >= {a2, b2}, 30, "both replies owed and enqueued")
+    assert {ch: w["guild_id"] for ch, w in owed().items()} == {a2: guild_a, b2: guild_b}
+    for proc in shards:
+        stack.procs.kill(proc, signal.SIGKILL)
+
+    def delivered(channel: int) -> bool:
+        history = stack.client.store.history(f"discord:{channel}", Mode.CHAT)
+        shown = stack.fake.messages[int(placeholders[channel]["id"])]["content"]
+        return stack.client.store.turn_in_flight(f"discord:{channel}") is None and bool(history) and shown == history[-1]["content"]
+
+    start_shard(1)
+    wait_for(lambda: delivered(b2) and set(owed()) == {a2}, 180, "shard 1 to deliver guild B's owed reply")
+    time.sleep(2)  # and not guild A's: still owed, its placeholder as the killed shard left it
+    assert set(owed()) == {a2} and not delivered(a2)
+    start_shard(0)
+    wait_for(lambda: delivered(a2) and not owed(), 180, "shard 0 to deliver guild A's owed reply")
+
+
+def test_shard_settings_are_checked_and_guilds_go_to_their_shards(monkeypatch):
+    from bots.discord_bot import DiscordSettings, shard_of
+    from shared.errors import ConfigError
+
+    monkeypatch.setenv("DISCORD_BOT_TOKEN", "t")
+    assert (DiscordSettings.from_env().shard_id, DiscordSettings.from_env().shard_count) == (None, None)
+    assert DiscordSettings.from_env().owns(123 << 22) and DiscordSettings.from_env().owns(None)
+    for shard_id, count, message in (("1", "", "go together"), ("", "2", "go together"), ("x", "2", "whole numbers"),
+                                     ("2", "2", "from 0 to DISCORD_SHARD_COUNT - 1 \\(1\\), not 2"), ("0", "0", "1 or more")):
+        monkeypatch.setenv("DISCORD_SHARD_ID", shard_id)
+        monkeypatch.setenv("DISCORD_SHARD_COUNT", count)
+        with pytest.raises(ConfigError, match=message):
+            DiscordSettings.from_env()
+    monkeypatch.setenv("DISCORD_SHARD_ID", "1")
+    monkeypatch.setenv("DISCORD_SHARD_COUNT", "3")
+    dc = DiscordSettings.from_env()
+    assert (dc.shard_id, dc.shard_count) == (1, 3)
+    assert shard_of(4 << 22, 3) == 1 and dc.owns(4 << 22) and not dc.owns(5 << 22) and not dc.owns(None)  # DMs: shard 0's
