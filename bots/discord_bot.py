@@ -225,7 +225,8 @@ class ShallowDiscord(discord.Client):
         if placeholder is None:
             placeholder = await channel.send("⏳ …", reference=reference, mention_author=False)
         # the guild says which shard delivers the reply after a restart (Deliveries.resume)
-        where = {"channel_id": placeholder.channel.id, "message_id": placeholder.id, "guild_id": guild_id_of(channel)}
+        where = {"channel_id": placeholder.channel.id, "message_id": placeholder.id,
+                 "guild_id": guild_id_of(channel) or guild_id_of(placeholder.channel)}
         await self.deliveries.submit(turn, where, lambda text: placeholder.edit(content=text))
 
     def _surface(self, where: dict) -> DiscordSurface:
