@@ -103,6 +103,8 @@ class FakeDiscord(ThreadedServer):
                 })
         if ws in self._sockets:
             self._sockets.remove(ws)
+        with self.lock:
+            self.shards.pop(id(ws), None)  # an id a later socket may get
         return ws
 
     async def _send(self, ws: web.WebSocketResponse, event: str, data: dict) -> None:
