@@ -750,13 +750,64 @@ class SkipGuards(TrainerCallback):
         return step
 
 
+class SyncPoints:
+    """Where the host waits for the GPU: PyTorch's synchronizing CUDA operations (`torch.cuda.set_sync_debug_mode`),
+    each counted by the code that called it (its innermost frames outside torch), while recording."""
+
+    FRAMES = 3
+
+    def __init__(self) -> None:
+        self.sites: dict[str, int] = {}
+        self._show = None
+
+    def start(self) -> None:
+        import warnings
+
+        import torch
+
+        self._show, self._filters = warnings.showwarning, list(warnings.filters)
+        warnings.filterwarnings("always", message=".*synchroniz.*")
+        warnings.showwarning = self._record
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import warnings
+
+        import torch
+
+        if self._show is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._show, self._filters
+        self._show = None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        import traceback
+
+        if "synchroniz" not in str(message):
+            return self._show(message, category, filename, lineno, file, line)  # type: ignore[misc]
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and "/warnings.py" not in f.filename][-self.FRAMES:]
+        site = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)) or "(torch)"
+        self.sites[site] = self.sites.get(site, 0) + 1
+
+    def table(self, steps: int) -> str:
+        rows = sorted(self.sites.items(), key=lambda kv: -kv[1])
+        return "\n".join([f"synchronizing CUDA operations, a step ({sum(self.sites.values())} in {steps} steps), by caller:"]
+                         + [f"{n / steps:6.1f}  {site}" for site, n in rows])
+
+
 class Profile(TrainerCallback):
-    """torch.profiler over `steps` optimizer steps after `skip`; the top operations by own time to `path`."""
+    """torch.profiler over `steps` optimizer steps after `skip`; the top operations by own time to `path`, and on
+    CUDA where the host waited for the GPU (`SyncPoints`)."""
 
     def __init__(self, path: Path, skip: int, steps: int) -> None:
         self.path, self.skip, self.steps = path, skip, steps
         self.prof = None
         self.done = False
+        self.syncs = SyncPoints()
 
     def on_step_begin(self, args, state, control, **kwargs):
         import torch
@@ -770,6 +821,8 @@ class Profile(TrainerCallback):
             self.prof.__enter__()
             self.first = state.global_step
             self.t0 = time.perf_counter()
+            if torch.cuda.is_available():
+                self.syncs.start()
 
     def on_step_end(self, args, state, control, **kwargs):
         import torch
@@ -777,6 +830,7 @@ class Profile(TrainerCallback):
         if self.prof is None or self.done or state.global_step < self.first + self.steps:
             return
         cuda = torch.cuda.is_available()
+        self.syncs.stop()
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
@@ -790,11 +844,13 @@ class Profile(TrainerCallback):
         if cuda:
             parts.append("top operations by own CPU time (the host's side: launches, Python)")
             parts.append(events.table(sort_by="self_cpu_time_total", row_limit=15))
+            parts.append(self.syncs.table(self.steps))
         self.path.write_text("\n".join(parts))
         logger.info("profile of %d steps written to %s", self.steps, self.path)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.prof is not None and not self.done:  # the run ended first: nothing complete to report
+            self.syncs.stop()
             self.prof.__exit__(None, None, None)
             self.done = True
 

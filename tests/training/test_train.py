@@ -532,3 +532,39 @@ def test_cpp_wrapper_makes_the_compiled_graphs_launch_from_cpp_and_says_when_it_
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-2:] == ["on", "CPP"], done.stdout
+
+
+def test_sync_points_count_each_caller_of_a_synchronizing_operation_and_pass_other_warnings_on():
+    """The profile's list of where the host waited for the GPU: PyTorch raises a warning at each synchronizing CUDA
+    operation under `set_sync_debug_mode("warn")` (no CUDA here: the warning is raised as PyTorch words it)."""
+    import warnings
+
+    from training.train import SyncPoints
+
+    def item():  # stands for the code that called `.item()`
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    def loss():
+        item()
+
+    points = SyncPoints()
+    points.start()
+    try:
+        for _ in range(3):
+            loss()
+        item()
+        with pytest.warns(UserWarning, match="another warning"):
+            warnings.warn("another warning", UserWarning)
+    finally:
+        points.stop()
+    assert sum(points.sites.values()) == 4
+    counts = sorted(points.sites.values())
+    assert counts == [1, 3]
+    busiest = max(points.sites, key=points.sites.get)
+    assert busiest.startswith("test_train.py:") and " item < " in busiest and " loss < " in busiest
+    table = points.table(2)
+    assert table.splitlines()[0].endswith("(4 in 2 steps), by caller:") and "   1.5  test_train.py:" in table
+    with warnings.catch_warnings(record=True) as seen:  # stopped: recording no more
+        warnings.simplefilter("always")
+        item()
+    assert len(seen) == 1 and sum(points.sites.values()) == 4
