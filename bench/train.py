@@ -31,6 +31,8 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
            C++; `auto`, the default, turns it on only for runs of 5,000 steps or more, so not for the bench's)
   guarded  the defaults with every compiled call's guards checked throughout (`--skip-guards false`: the defaults
            before session 25)
+  waiting  the defaults with the training loop waiting for the GPU where the Trainer does (`--overlap-steps false`:
+           the defaults before session 26)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -78,7 +80,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
 
 
 PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp",
-           "guarded")
+           "guarded", "waiting")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -115,6 +117,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--cpp-wrapper", "true"]
     if name == "guarded":
         return ["--skip-guards", "false"]
+    if name == "waiting":
+        return ["--overlap-steps", "false"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 
@@ -222,6 +226,7 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "gradient_checkpointing": record["config"].get("gradient_checkpointing"),  # as `auto` resolved it
         "gpu_memory_limit_gib": record.get("gpu_memory_limit_gib"),
         "guards_skipped": record.get("guards_skipped"),  # from which step, and for how many, the guards were skipped
+        "overlap_steps": record.get("overlap_steps"),  # whether steps overlapped, and how each batch's tokens were counted
         "curve": points,
         "step_times": steps,
         "step_gc_pauses": step_gc_pauses(history),

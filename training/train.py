@@ -153,6 +153,14 @@ class TrainConfig:
                     "the full checks come back for evaluations and each epoch's last step. 'auto' (default): on where "
                     "unsloth compiles the model; 'true' or 'false'",
             "choices": ["auto", "true", "false"]})
+    overlap_steps: str = field(
+        default="auto", metadata={
+            "help": "CUDA: the training loop does not stop to wait for the GPU between steps, so the host queues the next "
+                    "step's work while the GPU finishes the last one: batches go to the GPU from pinned memory without a "
+                    "wait, the tokens of a batch without padding are counted on the host, and the logged loss is not "
+                    "checked for NaN on the way (a NaN shows in the log as it is). 'auto' (default): on with CUDA; "
+                    "'true' or 'false'",
+            "choices": ["auto", "true", "false"]})
     max_gpu_memory: float | None = field(
         default=None, metadata={
             "help": "train within this many GiB of the GPU (e.g. 14.5 for a 16 GB card's budget, or to leave room for "
@@ -171,7 +179,7 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: s
     if hasattr(cfg, "gradient_checkpointing"):  # a YAML value skips argparse's choices: checked here
         mode = checkpointing_mode(cfg.gradient_checkpointing)
         cfg.gradient_checkpointing = mode if isinstance(mode, str) else str(mode).lower()
-    for name in ("cpp_wrapper", "skip_guards"):  # the same for these
+    for name in ("cpp_wrapper", "skip_guards", "overlap_steps"):  # the same for these
         if hasattr(cfg, name):
             mode = str(getattr(cfg, name)).lower()
             if mode not in ("auto", "true", "false"):
@@ -358,6 +366,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         eval_data = eval_data.map(render, remove_columns=["messages"]) if eval_data is not None else None
 
     evaluating = eval_data is not None
+    cfg.overlap_steps = "true" if overlapping_steps(cfg, torch.cuda.is_available()) else "false"  # as resolved, in run.json
     args = sft_config(cfg, out, unsloth=unsloth, cuda=torch.cuda.is_available(), evaluating=evaluating)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data, eval_dataset=eval_data, processing_class=tokenizer,
@@ -380,6 +389,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     trainer.add_callback(guards)
     if guards.enabled:
         trainer.training_step = guards.guarded(trainer.training_step)
+    counted = count_tokens_on_the_host(trainer) if cfg.overlap_steps == "true" else None
     if cfg.profile_steps > 0:
         trainer.add_callback(Profile(out / "profile.txt", skip=max(cfg.warmup_steps, 2), steps=cfg.profile_steps))
 
@@ -424,6 +434,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "gpu_memory_limit_gib": cfg.max_gpu_memory if torch.cuda.is_available() else None,
         "garbage_collection": pauses.record(),
         "guards_skipped": guards.record(),
+        "overlap_steps": {"enabled": counted is not None, "token_counts": counted},
         "best_eval_loss": keeper.best,
         "stopped_early": keeper.stopped,
         "adapter": str(out / "adapter"),
@@ -479,6 +490,11 @@ def sft_config(cfg: TrainConfig, out: Path, *, unsloth: bool, cuda: bool, evalua
         padding_free=(None if cfg.padding_free else False) if unsloth else False,
         dataset_num_proc=cfg.dataset_num_proc,
         dataloader_num_workers=collating_workers(cfg, cuda),
+        # --overlap-steps: no wait for the GPU as a batch goes to it (pinned memory, the Trainer's default, and a copy
+        # that does not block), nor as the loss of each step is checked for NaN before it is added to the logged sum
+        accelerator_config={"non_blocking": True} if cfg.overlap_steps == "true" else None,
+        dataloader_pin_memory=True,
+        logging_nan_inf_filter=cfg.overlap_steps != "true",
         report_to="none",
         disable_tqdm=False,
         # trl turns the Trainer's gradient checkpointing on by default: off only when asked, so that
@@ -640,6 +656,36 @@ class GarbageCollection(TrainerCallback):
     def record(self) -> dict[str, Any]:
         """Collections and seconds paused, per generation, from the start of training to its end."""
         return self.pauses.record()
+
+
+def overlapping_steps(cfg: TrainConfig, cuda: bool) -> bool:
+    """--overlap-steps as this run resolves it: `auto` is on with CUDA (without it there is nothing to overlap)."""
+    mode = str(cfg.overlap_steps).lower()
+    return cuda if mode == "auto" else mode == "true"
+
+
+def count_tokens_on_the_host(trainer) -> dict[str, int]:
+    """The Trainer counts each batch's tokens with a tensor sent to the GPU and read back (`.item()`): a wait for every
+    step queued so far, once a micro-batch. A batch without padding (unsloth's padding-free rows, or packing: no
+    attention mask) has as many real tokens as ids, which the host knows: counted so, without that wait. A padded batch
+    is still counted the Trainer's way (its mask says which tokens are real)."""
+    batches = {"on_the_host": 0, "by_the_trainer": 0}  # run.json's record of which count each micro-batch had
+    own = getattr(trainer, "_track_num_input_tokens", None)
+    if own is None:  # another transformers: its own counting stays
+        logger.info("--overlap-steps: this transformers counts tokens its own way; left as it is")
+        return batches
+    name = getattr(trainer.model, "main_input_name", "input_ids")
+
+    def count(inputs):
+        ids = inputs.get(name) if isinstance(inputs, dict) else None
+        if ids is None or inputs.get("attention_mask") is not None or trainer.args.include_num_input_tokens_seen == "no":
+            batches["by_the_trainer"] += 1
+            return own(inputs)
+        batches["on_the_host"] += 1
+        trainer.state.num_input_tokens_seen += ids.numel()
+
+    trainer._track_num_input_tokens = count
+    return batches
 
 
 def skipping_guards(cfg: TrainConfig, cuda: bool, unsloth: bool) -> bool:

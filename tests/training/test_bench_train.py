@@ -48,6 +48,7 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     assert default["gradient_checkpointing"] == "true" and "| checkpointing |" in proc.stdout
     # whether the compiled calls' guards were skipped (`--skip-guards auto`: nothing is compiled on the CPU, so no)
     assert default["guards_skipped"] == {"enabled": False, "from_step": None, "steps": 0, "retried": 0}
+    assert default["overlap_steps"] == {"enabled": False, "token_counts": None}  # auto: off without CUDA
     assert "| guards skipped |" in proc.stdout
     # the host the figures were measured on, by bench.host_probe in a process of its own
     import torch
@@ -66,6 +67,7 @@ def test_presets_join_with_plus_and_an_unknown_one_is_refused_before_anything_ru
         "--per-device-train-batch-size", "16", "--gradient-accumulation-steps", "1", "--gradient-checkpointing", "false"]
     assert preset_args("default+workers", 2048, 500.0) == ["--dataloader-num-workers", "2"]
     assert preset_args("cpp+guarded", 2048, 500.0) == ["--cpp-wrapper", "true", "--skip-guards", "false"]
+    assert preset_args("cpp+waiting", 2048, 500.0) == ["--cpp-wrapper", "true", "--overlap-steps", "false"]
     data = write_sharegpt(tmp_path / "pirate.jsonl", 8)
     proc = subprocess.run(
         [sys.executable, "-m", "shared.cli", "bench", "train", "--base-model", "/nonexistent/model", "--data", str(data),

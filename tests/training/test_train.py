@@ -568,3 +568,36 @@ def test_sync_points_count_each_caller_of_a_synchronizing_operation_and_pass_oth
         warnings.simplefilter("always")
         item()
     assert len(seen) == 1 and sum(points.sites.values()) == 4
+
+
+def test_overlapping_steps_count_the_same_tokens_on_the_host_and_train_the_same(model_dir, tmp_path):
+    """--overlap-steps (auto: on with CUDA; asked for here on the CPU) takes the Trainer's waits for the GPU out of a
+    step: the tokens of a batch without padding (packing here, unsloth's padding-free rows on the GPU) are counted on
+    the host instead of through a tensor read back from the device, the batches are copied without blocking, and the
+    logged loss is not filtered for NaN. The same run with it off: the same tokens seen, the same losses."""
+    from training.train import overlapping_steps, parse_config
+
+    assert parse_config([]).overlap_steps == "auto"
+    assert overlapping_steps(parse_config([]), cuda=True) is True
+    assert overlapping_steps(parse_config([]), cuda=False) is False
+    assert overlapping_steps(parse_config(["--overlap-steps", "true"]), cuda=False) is True
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("overlap_steps: maybe\n")
+    with pytest.raises(ConfigError, match="--overlap-steps must be auto, true or false"):
+        parse_config(["--config", str(bad)])
+
+    data = write_sharegpt(tmp_path / "pirate.jsonl")
+    runs = {}
+    for mode in ("true", "false"):
+        out = tmp_path / f"run-{mode}"
+        proc = run_train(args_for(model_dir, data, out, "--max-steps", "3", "--packing", "--overlap-steps", mode), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = json.loads((out / "run.json").read_text()), json.loads((out / "history.json").read_text())
+    (on, on_history), (off, off_history) = runs["true"], runs["false"]
+    assert on["config"]["overlap_steps"] == "true" and off["config"]["overlap_steps"] == "false"
+    assert on["overlap_steps"] == {"enabled": True, "token_counts": {"on_the_host": 3, "by_the_trainer": 0}}
+    assert off["overlap_steps"] == {"enabled": False, "token_counts": None}
+    assert on["train_tokens"] == off["train_tokens"] > 3 * 100  # packed rows of up to 128 tokens
+    seen = [(h["step"], h["num_input_tokens_seen"], round(h["loss"], 4)) for h in on_history if "loss" in h]
+    assert seen == [(h["step"], h["num_input_tokens_seen"], round(h["loss"], 4)) for h in off_history if "loss" in h]
+    assert len(seen) == 3 and seen[0][1] < seen[1][1] < seen[2][1]
