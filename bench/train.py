@@ -122,12 +122,20 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 
+def logged_before(history: list[dict], step: int) -> int:
+    """How many of the logged training steps came up to optimizer step `step` (all of them with --logging-steps 1)."""
+    return sum(1 for h in history if "elapsed_s" in h and "num_input_tokens_seen" in h and "loss" in h
+               and h.get("step", 0) <= step)
+
+
 def steady_rate(history: list[dict], skip: int = 5) -> float | None:
-    """Tokens per second after the first `skip` logged steps (compilation and warm-up left out)."""
+    """Tokens per second after the first `skip` optimizer steps (compilation and warm-up left out), from the logged
+    step after them (with --logging-steps 1, over steps skip+2 on, as every session's figures)."""
     points = [(h["elapsed_s"], h["num_input_tokens_seen"]) for h in history
               if "elapsed_s" in h and "num_input_tokens_seen" in h and "loss" in h]
     if len(points) < 3:
         return None
+    skip = logged_before(history, skip) if any("step" in h for h in history) else skip
     k = min(skip, max(1, len(points) - 3))  # short runs (CPU tests): from the second logged step
     (t0, n0), (t1, n1) = points[k], points[-1]
     return round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
@@ -218,7 +226,7 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "tokens_per_second": record["tokens_per_second"],
         "steady_tokens_per_second": steady_rate(history, args.skip_steps),
         "steady_after_steps": args.skip_steps,
-        **step_spread(steps, args.skip_steps),
+        **step_spread(steps, logged_before(history, args.skip_steps)),
         "peak_memory_gib": round(record["peak_memory_bytes"] / 2**30, 2),
         "peak_memory_kind": record["peak_memory_kind"],
         "final_loss": points[-1][1] if points else None,

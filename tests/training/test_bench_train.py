@@ -124,3 +124,21 @@ def test_the_host_probe_measures_this_host_and_a_failed_probe_is_said(monkeypatc
                         lambda *a, **k: sp.CompletedProcess(a[0], 1, stdout="", stderr="ImportError: no torch here"))
     assert host_probe.measure("bench train") is None
     assert "bench train: the host probe failed (the runs go on without it): ImportError: no torch here" in capsys.readouterr().err
+
+
+def test_the_steady_rate_leaves_out_the_same_steps_whatever_the_logging_interval():
+    """--skip-steps counts optimizer steps: with the loss logged every 10 steps the first 100 steps are still left out
+    (not the first 100 logged points, which would leave 3 intervals of a 300-step run)."""
+    from bench.train import logged_before, steady_rate
+
+    def history(every: int) -> list[dict]:
+        elapsed, out = 0.0, []
+        for step in range(1, 301):
+            elapsed += 1.0 if step <= 100 else 0.1  # slow first steps (compiles), then 1,000 tokens in 0.1 s
+            if step % every == 0:
+                out.append({"step": step, "loss": 1.0, "elapsed_s": round(elapsed, 3), "num_input_tokens_seen": step * 1000})
+        return out
+
+    assert logged_before(history(1), 100) == 100 and logged_before(history(10), 100) == 10
+    assert steady_rate(history(1), 100) == steady_rate(history(10), 100) == 10000.0
+    assert steady_rate(history(10), 0) < 10000.0  # the slow steps, counted
