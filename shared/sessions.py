@@ -114,13 +114,15 @@ class SessionStore:
             created_at=float(d.get("created_at") or 0),
         )
 
-    def history(self, channel: str, mode: Mode, pipeline: redis.client.Pipeline | None = None) -> list[Message] | None:
-        """The session's exchanges so far; with `pipeline`, queued there (returns None): `parse_history` reads
-        the pipeline's answer."""
+    def history(self, channel: str, mode: Mode, pipeline: redis.client.Pipeline | None = None,
+                last: int | None = None) -> list[Message] | None:
+        """The session's exchanges so far (with `last`, only its last messages: what a prompt has room for); with
+        `pipeline`, queued there (returns None): `parse_history` reads the pipeline's answer."""
+        start = -last if last else 0
         if pipeline is not None:
-            pipeline.lrange(_key(channel, mode.value, "turns"), 0, -1)
+            pipeline.lrange(_key(channel, mode.value, "turns"), start, -1)
             return None
-        return self.parse_history(self.r.lrange(_key(channel, mode.value, "turns"), 0, -1))
+        return self.parse_history(self.r.lrange(_key(channel, mode.value, "turns"), start, -1))
 
     @staticmethod
     def parse_history(raw: list) -> list[Message]:

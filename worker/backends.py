@@ -8,6 +8,7 @@ transformers. unsloth and bitsandbytes are imported only on that path.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ from shared.settings import GenerationSettings, Settings
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXT = 8192  # the cap on the model's own context: KV memory, and far beyond any chat here
+TEXT_COUNTS = 16384  # messages whose own token counts a process keeps (a long history's, read again every turn)
+RECENT_PROMPTS = 4  # prompts a thread keeps encoded for the reply that follows the counting (`Backend.encode`)
 
 
 @dataclass
@@ -54,7 +57,9 @@ class Backend:
         self.context_tokens = context_tokens
         self.description = description
         self.static_cache = False
-        self._last_prompt = threading.local()  # per thread: the last prompt encoded, and its ids
+        self._last_prompt = threading.local()  # per thread: the last prompts encoded, and their ids
+        # a message's own tokens (no template): the same history is counted turn after turn (`fit_messages`)
+        self.text_tokens = functools.lru_cache(maxsize=TEXT_COUNTS)(self._text_tokens)
 
     def close(self) -> None:
         """Release what the backend runs besides the model (the batched backend's engine thread)."""
@@ -70,10 +75,10 @@ class Backend:
         Used once: a later turn renders its prompt afresh (a template may write today's date into it).
         """
         key = (continue_final, tuple(tuple(sorted(m.items())) for m in messages))
-        last = getattr(self._last_prompt, "value", None)
-        self._last_prompt.value = None
-        if last is not None and last[0] == key:
-            return last[1]
+        recent = getattr(self._last_prompt, "value", None) or {}
+        if key in recent:
+            self._last_prompt.value = None
+            return recent[key]
         out = self.tokenizer.apply_chat_template(
             messages,
             add_generation_prompt=not continue_final,
@@ -82,11 +87,15 @@ class Backend:
             return_dict=True,
         )
         ids = list(out["input_ids"])
-        self._last_prompt.value = (key, list(ids))
+        # the last few: fitting a long history counts a prompt or two more after the one it keeps
+        self._last_prompt.value = {**dict(list(recent.items())[-(RECENT_PROMPTS - 1):]), key: list(ids)}
         return ids
 
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.encode(messages))
+
+    def _text_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -- generation ------------------------------------------------------------------------------
 

@@ -324,7 +324,7 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
         p.exists(done_key(req.job_id))
         p.incr(f"shallow:attempt:{req.job_id}")
         p.expire(f"shallow:attempt:{req.job_id}", rt.settings.stream_ttl)
-        rt.store.history(req.channel, req.mode, pipeline=p)
+        rt.store.history(req.channel, req.mode, pipeline=p, last=history_room(rt.backend.context_tokens))
         already, attempt, _, raw_history = p.execute()
     if already:
         logger.info("job %s: reply already committed; nothing to do", req.job_id)
@@ -378,6 +378,13 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
     return {"text": done.text, "choices": done.choices, "completion_tokens": done.completion_tokens}
 
 
+def history_room(context_tokens: int) -> int:
+    """The most messages of a session's history that a prompt of `context_tokens` could hold: each takes 4 tokens or
+    more of its chat template (Llama-3's and ChatML's 5). A turn reads no more than that of a long session (the
+    session keeps all of it: the web page shows it), and `fit_messages` keeps what fits of those."""
+    return max(2, context_tokens // 4)
+
+
 def _since(started) -> float | None:
     """Seconds since RQ's `started_at` (a UTC datetime) on this machine's clock; None if it cannot tell."""
     from datetime import datetime, timezone
@@ -404,8 +411,8 @@ def _generate(rt: Runtime, req: TurnRequest, stream: Stream, attempt: int, enter
         system = CHAT_SYSTEM_PROMPT
         text = req.text
     if history is None:
-        history = rt.store.history(req.channel, req.mode)
-    messages = fit_messages(system, history, text, backend.count_tokens, budget)
+        history = rt.store.history(req.channel, req.mode, last=history_room(backend.context_tokens))
+    messages = fit_messages(system, history, text, backend.count_tokens, budget, getattr(backend, "text_tokens", None))
 
     parts: list[str] = []  # every chunk streamed, so the final text is exactly what followers saw
 

@@ -33,9 +33,18 @@ def test_a_reply_is_committed_once(store):
         assert store.history("c:1", Mode.CHAT, pipeline=p) is None
         _, raw = p.execute()
     assert store.parse_history(raw) == store.history("c:1", Mode.CHAT)
+    assert _commit(store, chat, "job2", user="again", reply="once more")
+    # a turn reads the last messages only (as many as its prompt could hold); the session keeps them all
+    assert store.history("c:1", Mode.CHAT, last=3) == [
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "once more"}]
+    with store.r.pipeline(transaction=False) as p:
+        store.history("c:1", Mode.CHAT, pipeline=p, last=2)
+        (raw,) = p.execute()
+    assert [m["content"] for m in store.parse_history(raw)] == ["again", "once more"]
+    assert len(store.history("c:1", Mode.CHAT)) == 4
     events = store.r.xrange(stream_key("job1"))
     assert len(events) == 1 and decode_event(events[0][1][b"e"]).text == "hello"
-    assert store.get("c:1", Mode.CHAT).turns == 1
+    assert store.get("c:1", Mode.CHAT).turns == 2
 
 
 def test_channels_and_modes_are_separate(store):
