@@ -156,9 +156,10 @@ class TrainConfig:
     overlap_steps: str = field(
         default="auto", metadata={
             "help": "CUDA: the training loop does not stop to wait for the GPU between steps, so the host queues the next "
-                    "step's work while the GPU finishes the last one: batches go to the GPU from pinned memory without a "
-                    "wait, the tokens of a batch without padding are counted on the host, and the logged loss is not "
-                    "checked for NaN on the way (a NaN shows in the log as it is). 'auto' (default): on with CUDA; "
+                    "step's work while the GPU finishes the last one: the tokens of a batch without padding are counted on "
+                    "the host, the logged loss is not checked for NaN on the way (a NaN shows in the log as it is), and "
+                    "batches go to the GPU from pinned memory without a wait (unsloth does that by itself). Logging the "
+                    "loss is a wait too: --logging-steps 10 waits a tenth as often. 'auto' (default): on with CUDA; "
                     "'true' or 'false'",
             "choices": ["auto", "true", "false"]})
     max_gpu_memory: float | None = field(
