@@ -8,12 +8,13 @@
 # places where the host still waited for the GPU
 source .gpu/env.sh
 start=$SECONDS
-out=$OUT/s26a; mkdir -p $out
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $out/gpu.txt
+out=/tmp/s26a; keep=$OUT/s26a; mkdir -p $out $keep  # the runs' homes stay on the machine; their figures come back
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $keep/gpu.txt
 for run in o1:cpp: w1:cpp+waiting: o10:cpp:--logging-steps_10; do
   IFS=: read tag presets args <<< "$run"
-  TAG=$tag PRESETS=$presets ARGS="${args//_/ }" STEPS=300 SKIP=100 timeout $(( 585 - (SECONDS - start) )) bench/gpu_train.sh $out bench > $out/train-$tag.txt 2>&1
+  TAG=$tag PRESETS=$presets ARGS="${args//_/ }" STEPS=300 SKIP=100 timeout $(( ${LIMIT:-585} - (SECONDS - start) )) bench/gpu_train.sh $out bench > $out/train-$tag.txt 2>&1
   echo "== $run rc=$? at $((SECONDS - start)) s"; grep -A3 "^| preset" $out/train-$tag.txt | tail -1
+  cp $out/*.json $out/*.txt $keep/ 2>/dev/null
 done
 python - $out <<'PY'
 import json, os, sys
@@ -26,10 +27,10 @@ for t in ("o1", "o10"):
         a = dict(runs["w1"]["curve"]); b = runs[t]["curve"]
         print(t, "against w1: max loss gap at the same tokens", round(max(abs(a[x] - y) for x, y in b if x in a), 5))
 PY
-left=$(( 585 - (SECONDS - start) ))
+left=$(( ${LIMIT:-585} - (SECONDS - start) ))
 if [ $left -gt 100 ]; then
   TAG=cpp ARGS="--cpp-wrapper true" STEPS=50 SKIP=45 timeout $left bench/gpu_train.sh $out profile > $out/profile-run.txt 2>&1
   echo "== profile rc=$? at $((SECONDS - start)) s"; head -70 $out/profile-run.txt; grep -A25 "^synchronizing" $out/profile-cpp.txt
+  cp $out/*.txt $keep/ 2>/dev/null
 fi
-rm -rf $out/home $out/*.jsonl
 echo "done at $((SECONDS - start)) s"
