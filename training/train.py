@@ -679,7 +679,8 @@ def count_tokens_on_the_host(trainer) -> dict[str, int]:
 
     def count(inputs):
         ids = inputs.get(name) if isinstance(inputs, dict) else None
-        if ids is None or inputs.get("attention_mask") is not None or trainer.args.include_num_input_tokens_seen == "no":
+        if (ids is None or inputs.get("attention_mask") is not None or trainer.args.include_num_input_tokens_seen == "no"
+                or getattr(trainer.args, "pad_to_multiple_of", None)):  # rows padded to a multiple: pads among the ids
             batches["by_the_trainer"] += 1
             return own(inputs)
         batches["on_the_host"] += 1

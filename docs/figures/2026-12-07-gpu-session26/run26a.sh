@@ -24,8 +24,10 @@ for t, r in runs.items():
           r.get("overlap_steps"), r.get("final_loss"), r.get("stalled_steps"), r.get("peak_memory_gib"))
 for t in ("o1", "o10"):
     if t in runs and "w1" in runs:
-        a = dict(runs["w1"]["curve"]); b = runs[t]["curve"]
-        print(t, "against w1: max loss gap at the same tokens", round(max(abs(a[x] - y) for x, y in b if x in a), 5))
+        a, b = runs["w1"]["curve"], runs[t]["curve"]
+        same = [x for x, _ in a] == [x for x, _ in b]  # the tokens seen at each logged step: counted on the host (t), by the Trainer (w1)
+        print(t, "tokens seen at each logged step as w1's:", same if t == "o1" else "(logged every 10 steps)",
+              "max loss gap at the same tokens", round(max([abs(dict(a)[x] - y) for x, y in b if x in dict(a)] or [float("nan")]), 5))
 PY
 left=$(( ${LIMIT:-585} - (SECONDS - start) ))
 if [ $left -gt 100 ]; then
