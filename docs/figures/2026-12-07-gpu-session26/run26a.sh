@@ -10,7 +10,7 @@ source .gpu/env.sh
 start=$SECONDS
 out=/tmp/s26a; keep=$OUT/s26a; mkdir -p $out $keep  # the runs' homes stay on the machine; their figures come back
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $keep/gpu.txt
-for run in o1:cpp: w1:cpp+waiting: o10:cpp:--logging-steps_10; do
+for run in ${RUNS:-o1:cpp: w1:cpp+waiting: o10:cpp:--logging-steps_10}; do
   IFS=: read tag presets args <<< "$run"
   TAG=$tag PRESETS=$presets ARGS="${args//_/ }" STEPS=300 SKIP=100 timeout $(( ${LIMIT:-585} - (SECONDS - start) )) bench/gpu_train.sh $out bench > $out/train-$tag.txt 2>&1
   echo "== $run rc=$? at $((SECONDS - start)) s"; grep -A3 "^| preset" $out/train-$tag.txt | tail -1
