@@ -12,7 +12,7 @@ out=/tmp/s26a; keep=$OUT/s26a; mkdir -p $out $keep  # the runs' homes stay on th
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $keep/gpu.txt
 for run in ${RUNS:-o1:cpp: w1:cpp+waiting: o10:cpp:--logging-steps_10}; do
   IFS=: read tag presets args <<< "$run"
-  TAG=$tag PRESETS=$presets ARGS="${args//_/ }" STEPS=300 SKIP=100 timeout $(( ${LIMIT:-585} - (SECONDS - start) )) bench/gpu_train.sh $out bench > $out/train-$tag.txt 2>&1
+  TAG=$tag PRESETS=$presets ARGS="${args//_/ }" STEPS=${STEPS:-300} SKIP=100 timeout $(( ${LIMIT:-585} - (SECONDS - start) )) bench/gpu_train.sh $out bench > $out/train-$tag.txt 2>&1
   echo "== $run rc=$? at $((SECONDS - start)) s"; grep -A3 "^| preset" $out/train-$tag.txt | tail -1
   cp $out/*.json $out/*.txt $keep/ 2>/dev/null
 done
