@@ -395,7 +395,7 @@ class TurnClient:
     def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
         self.settings = settings
         self.r = connection if connection is not None else connect(settings.redis_url)
-        self.store = SessionStore(self.r, settings.session_ttl, settings.stream_ttl, settings.stream_maxlen)
+        self.store = SessionStore(self.r, settings.session_ttl, settings.stream_ttl, settings.stream_maxlen, settings.history_keep)
         self.queue = Queue(settings.queue, connection=self.r, serializer=JSONSerializer)
         self.hub = StreamHub(self.r, settings.stream_ttl)
 

@@ -7,7 +7,9 @@ Keys, per channel (a channel is "console:<name>", "discord:<id>", "telegram:<id>
     shallow:s:<channel>:<mode>:turns    list of JSON messages {role, content, job_id, at}
     shallow:s:<channel>:inflight        the job id of the reply being written (one turn at a time)
 
-Every key expires `session_ttl` seconds after the channel was last used. The worker commits a reply
+Every key expires `session_ttl` seconds after the channel was last used, and a history keeps its last `keep`
+messages (SHALLOW_HISTORY_KEEP, 2,048: more than any prompt holds), so a channel that talks every day does not
+grow without end. The worker commits a reply
 with one Lua script, so the user's turn, the reply, the story's new choices, the done event on the
 reply stream and the marker that makes a retried job a no-op land together or not at all.
 """
@@ -27,12 +29,13 @@ _COMMIT = """
 -- KEYS: done marker, session hash, turns list, reply stream, inflight key
 -- ARGV: job id, session id, user turn, reply turn, choices JSON or '', done event,
 --       done ttl, session ttl, stream ttl, stream maxlen, stream field name, the reply's last chunk event or ''
---       (its text not yet in the stream: written just before the done event, in the same call)
+--       (its text not yet in the stream: written just before the done event, in the same call), messages kept
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[7])) then
   return 0
 end
 if redis.call('HGET', KEYS[2], 'id') == ARGV[2] then
   redis.call('RPUSH', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[13]), -1)
   redis.call('HINCRBY', KEYS[2], 'turns', 1)
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'choices', ARGV[5]) end
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
@@ -83,11 +86,13 @@ class TurnView:
 
 
 class SessionStore:
-    def __init__(self, connection: redis.Redis, ttl: int, stream_ttl: int = 3600, stream_maxlen: int = 4000) -> None:
+    def __init__(self, connection: redis.Redis, ttl: int, stream_ttl: int = 3600, stream_maxlen: int = 4000,
+                 keep: int = 2048) -> None:
         self.r = connection
         self.ttl = ttl
         self.stream_ttl = stream_ttl
         self.stream_maxlen = stream_maxlen
+        self.keep = keep  # messages a session's history keeps, the last ones (SHALLOW_HISTORY_KEEP)
         self._commit = connection.register_script(_COMMIT)
 
     # --- reading -------------------------------------------------------------------------------
@@ -292,5 +297,6 @@ class SessionStore:
             self.stream_maxlen,
             EVENT_FIELD,
             last_chunk,
+            self.keep,
         ]
         return bool(self._commit(keys=keys, args=args))

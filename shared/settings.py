@@ -120,6 +120,7 @@ class Settings:
     home: Path = field(default_factory=_home)  # embedded Redis data, logs
     cache_dir: Path = field(default_factory=lambda: _home() / "cache")  # converted models
     session_ttl: int = 7 * 24 * 3600  # an idle conversation is forgotten after a week
+    history_keep: int = 2048  # messages a session keeps, the last ones: a prompt holds at most context/4 (8,192/4)
     stream_ttl: int = 3600  # a reply stream outlives any reasonable delivery delay
     stream_maxlen: int = 4000  # chunks kept per reply; a reply is a few hundred
     job_timeout: int = 300  # one reply; a hung generation must not hold a worker forever
@@ -165,6 +166,7 @@ class Settings:
             home=home,
             cache_dir=Path(_env("SHALLOW_CACHE_DIR", str(home / "cache"))),
             session_ttl=_int("SHALLOW_SESSION_TTL", cls.session_ttl, 60),
+            history_keep=_int("SHALLOW_HISTORY_KEEP", cls.history_keep, 2),
             stream_ttl=_int("SHALLOW_STREAM_TTL", cls.stream_ttl, 60),
             stream_maxlen=_int("SHALLOW_STREAM_MAXLEN", cls.stream_maxlen, 100),
             job_timeout=_int("SHALLOW_JOB_TIMEOUT", cls.job_timeout, 10),

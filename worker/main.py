@@ -205,7 +205,7 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
                 return remote.serve(settings, backend, name)
             finally:
                 backend.close()
-    store = SessionStore(connection, settings.session_ttl, settings.stream_ttl, settings.stream_maxlen)
+    store = SessionStore(connection, settings.session_ttl, settings.stream_ttl, settings.stream_maxlen, settings.history_keep)
     settle_collector()
     try:
         if settings.slots > 1:

@@ -293,3 +293,26 @@ def test_a_turn_that_cannot_be_written_fails_alone_in_a_batch(redis_proc, tmp_pa
         assert client.store.get(channel, Mode.CHAT) is None  # nothing of it was written
     again = client.say("b:late", "hello again")  # the channel takes its next turn
     assert client.queue.fetch_job(again.job_id) is not None
+
+
+def test_a_sessions_history_keeps_its_last_messages_only(redis_proc, monkeypatch):
+    """A channel that talks every day renews its session's lease with every turn, so its history would grow for good:
+    the commit keeps the last `keep` messages (SHALLOW_HISTORY_KEEP). A prompt never holds more than the worker reads
+    (context / 4 messages, 2,048 at the 8,192-token cap), which is the default."""
+    from shared.errors import ConfigError
+    from shared.settings import Settings
+
+    store = SessionStore(redis_proc.client(), ttl=600, stream_ttl=300, keep=4)
+    chat = store.create("c:keep", Mode.CHAT)
+    for n in range(3):
+        assert _commit(store, chat, f"keep{n}", user=f"question {n}", reply=f"answer {n}")
+    assert [m["content"] for m in store.history("c:keep", Mode.CHAT)] == ["question 1", "answer 1", "question 2", "answer 2"]
+    assert store.get("c:keep", Mode.CHAT).turns == 3  # the count of exchanges is the session's, not the list's
+
+    from worker.jobs import history_room
+    from worker.backends import MAX_CONTEXT
+
+    assert Settings.from_env().history_keep == 2048 == history_room(MAX_CONTEXT)
+    monkeypatch.setenv("SHALLOW_HISTORY_KEEP", "1")
+    with pytest.raises(ConfigError, match="SHALLOW_HISTORY_KEEP must be at least 2, got 1"):
+        Settings.from_env()
