@@ -88,7 +88,8 @@ class Backend:
         )
         ids = list(out["input_ids"])
         # the last few: fitting a long history counts a prompt or two more after the one it keeps
-        self._last_prompt.value = {**dict(list(recent.items())[-(RECENT_PROMPTS - 1):]), key: list(ids)}
+        kept = list(recent.items())[-(RECENT_PROMPTS - 1):] if RECENT_PROMPTS > 1 else []
+        self._last_prompt.value = {**dict(kept), key: list(ids)}
         return ids
 
     def count_tokens(self, messages: list[Message]) -> int:

@@ -208,6 +208,45 @@ def test_a_prompt_counted_then_streamed_is_rendered_once(backends):
             tokenizer.apply_chat_template = real
 
 
+def test_a_long_history_is_fitted_in_few_renders_and_the_prompt_kept_is_not_rendered_again(backends):
+    """A long history: fit_messages, guided by the backend's cached per-message counts, renders the whole prompt two or
+    three times, and the reply then streams the prompt it kept without rendering it again, even when it was not the
+    last one counted (the search's last look is often the next longer one, which did not fit: the backend keeps its
+    last few prompts); its ids are those of a fresh render."""
+    from shared.prompts import fit_messages
+
+    reference, _, gen = backends
+    tokenizer = reference.tokenizer
+    real = tokenizer.apply_chat_template
+    history = []
+    for n in range(60):
+        history += [{"role": "user", "content": f"Question {n}: what is the river number {n} like?"},
+                    {"role": "assistant", "content": f"River {n} is long and slow, " + "and wide " * (n % 7)}]
+    rendered = []
+
+    def counting(messages, *args, **kwargs):
+        rendered.append(messages)
+        return real(messages, *args, **kwargs)
+
+    not_last = 0
+    for budget in range(400, 1400, 100):
+        rendered.clear()
+        tokenizer.apply_chat_template = counting
+        try:
+            messages = fit_messages("Be brief.", history, "And the sea?", reference.count_tokens, budget, reference.text_tokens)
+            counted = len(rendered)
+            assert 2 <= counted <= 3 and 2 < len(messages) < len(history) + 2, (budget, counted)
+            not_last += rendered[-1] != messages
+            out = reference.stream(messages, gen, max_new_tokens=1)
+            "".join(out)
+            assert len(rendered) == counted, budget  # streamed from the ids kept while counting
+        finally:
+            tokenizer.apply_chat_template = real
+        fresh = real(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert out.prompt_tokens == len(fresh) <= budget
+    assert not_last > 0  # the case the backend's few kept prompts are for came up
+
+
 def test_a_reply_asked_for_its_timeline_gets_each_step_in_order(backends):
     """`Request.marks` (what `bench.first_token` prints): admitted, prefill queued, first launch queued, first
     tokens ready, each once and in that order; a request that did not ask records nothing."""
