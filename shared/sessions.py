@@ -8,7 +8,7 @@ Keys, per channel (a channel is "console:<name>", "discord:<id>", "telegram:<id>
     shallow:s:<channel>:inflight        the job id of the reply being written (one turn at a time)
 
 Every key expires `session_ttl` seconds after the channel was last used, and a history keeps its last `keep`
-messages (SHALLOW_HISTORY_KEEP, 2,048: more than any prompt holds), so a channel that talks every day does not
+messages (SHALLOW_HISTORY_KEEP, 2,048: more than a prompt of the default context holds), so a channel that talks every day does not
 grow without end. The worker commits a reply
 with one Lua script, so the user's turn, the reply, the story's new choices, the done event on the
 reply stream and the marker that makes a retried job a no-op land together or not at all.
