@@ -123,9 +123,7 @@ def fit_messages(
     if candidates:
         tokens = functools.cache(lambda i: count_tokens(build(candidates[i], user_text)))
         start = 0  # without estimates, the whole history first (the usual case: it all fits, one count), then halves
-        if text_tokens is None:
-            start = 0 if tokens(0) <= budget else (len(candidates) - 1) // 2 + 1 if len(candidates) > 1 else 0
-        else:
+        if text_tokens is not None:
             estimate = _estimates(system, history, user_text, candidates, text_tokens)
             start = _within(estimate, budget)
             # the template's real cost, from one whole count, spread over the messages: the next guess is closer
@@ -168,34 +166,22 @@ def _within(estimate: list[float], budget: int) -> int:
     return next((i for i, e in enumerate(estimate) if e <= budget), len(estimate) - 1)
 
 
-def _first_fitting(fits: Callable[[int], bool], n: int, start: int) -> int | None:
-    """The smallest i in [0, n) with fits(i), for a `fits` that is False and then True as i rises (None: none does),
-    looked for from `start` outwards, by steps that double, then by halves between the last two looked at."""
-    start = min(max(start, 0), n - 1)
-    if fits(start):  # the answer is start or before it
-        lo, hi, step = start, start, 1  # fits(hi)
-        while lo > 0:
-            lo = max(0, hi - step)
-            if not fits(lo):
-                lo += 1
-                break
-            hi, step = lo, step * 2
-        else:
-            return 0
-        # fits(hi), not fits(lo - 1): the first that fits is in [lo, hi]
-    else:  # after start, if anywhere
-        lo, step = start + 1, 1  # not fits(lo - 1)
-        while True:
-            if lo >= n:
-                return None
-            hi = min(n - 1, lo + step - 1)
-            if fits(hi):
-                break
-            lo, step = hi + 1, step * 2
+def _first_fitting(fits: Callable[[int], bool], n: int, guess: int) -> int | None:
+    """The smallest i in [0, n) with fits(i), for a `fits` that is False and then True as i rises (None: none does):
+    the guess and its neighbour on the side it points to first (two looks when the guess is right), then by halves
+    on that side."""
+    if fits(guess):
+        if guess == 0 or not fits(guess - 1):
+            return guess
+        lo, hi = 0, guess - 1  # fits(hi)
+    else:
+        if guess + 1 < n and fits(guess + 1):
+            return guess + 1
+        lo, hi = guess + 2, n  # hi = n: none may fit
     while lo < hi:
         mid = (lo + hi) // 2
         if fits(mid):
             hi = mid
         else:
             lo = mid + 1
-    return lo
+    return lo if lo < n else None

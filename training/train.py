@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,14 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 # --cpp-wrapper auto: on from this many optimizer steps in the run. Its compile cost 40-87 s more at the start; it
 # saved 14-43 ms a step (H200, the defaults; docs/training.md, sessions 15-16): repaid after ~2,000-4,600 steps, cold.
 CPP_WRAPPER_MIN_STEPS = 5000
+
+
+SWITCH = ("auto", "true", "false")  # a flag that `auto` resolves per run, or that is forced on or off
+
+
+def switch(help: str):
+    """A TrainConfig field taking SWITCH's values, 'auto' by default (checked in `parse_config`, YAML values too)."""
+    return field(default="auto", metadata={"help": help, "choices": list(SWITCH)})
 
 
 @dataclass
@@ -138,30 +146,24 @@ class TrainConfig:
         default=True, metadata={
             "help": "keep Python's garbage collector off what exists when training starts and after its first steps "
                     "(full collections otherwise pause training for ~0.5 s each on the H200; --no-gc-freeze: off)"})
-    cpp_wrapper: str = field(
-        default="auto", metadata={
-            "help": "CUDA: the compiled graphs launch their kernels from C++ rather than Python (Inductor's C++ wrapper; "
-                    "needs a C++ compiler): steady steps 14-42%% faster on an H200 (by host), the first steps 40-90 s longer "
-                    "while the wrappers compile (docs/training.md, sessions 14-16). 'auto' (default): on for a run of "
-                    f"{CPP_WRAPPER_MIN_STEPS:,} optimizer steps or more, where the steps repay the compile; 'true' or 'false'",
-            "choices": ["auto", "true", "false"]})
-    skip_guards: str = field(
-        default="auto", metadata={
-            "help": "CUDA: once the first steps have compiled what they need, TorchDynamo stops re-checking every compiled "
-                    "call's guards (torch.compiler.set_stance's skip_guard_eval_unsafe; 1.5-2 ms of a ~107 ms step on an "
-                    "H100, docs/training.md, session 25): only the checks that told graphs apart so far still run, and "
-                    "the full checks come back for evaluations and each epoch's last step. 'auto' (default): on where "
-                    "unsloth compiles the model; 'true' or 'false'",
-            "choices": ["auto", "true", "false"]})
-    overlap_steps: str = field(
-        default="auto", metadata={
-            "help": "CUDA: the training loop does not stop to wait for the GPU between steps, so the host queues the next "
-                    "step's work while the GPU finishes the last one: the tokens of a batch without padding are counted on "
-                    "the host, the logged loss is not checked for NaN on the way (a NaN shows in the log as it is), and "
-                    "batches go to the GPU from pinned memory without a wait (unsloth does that by itself). Logging the "
-                    "loss is a wait too: --logging-steps 10 waits a tenth as often. 'auto' (default): on with CUDA; "
-                    "'true' or 'false'",
-            "choices": ["auto", "true", "false"]})
+    cpp_wrapper: str = switch(
+        "CUDA: the compiled graphs launch their kernels from C++ rather than Python (Inductor's C++ wrapper; "
+        "needs a C++ compiler): steady steps 14-42%% faster on an H200 (by host), the first steps 40-90 s longer "
+        "while the wrappers compile (docs/training.md, sessions 14-16). 'auto' (default): on for a run of "
+        f"{CPP_WRAPPER_MIN_STEPS:,} optimizer steps or more, where the steps repay the compile; 'true' or 'false'")
+    skip_guards: str = switch(
+        "CUDA: once the first steps have compiled what they need, TorchDynamo stops re-checking every compiled "
+        "call's guards (torch.compiler.set_stance's skip_guard_eval_unsafe; 1.5-2 ms of a ~107 ms step on an "
+        "H100, docs/training.md, session 25): only the checks that told graphs apart so far still run, and "
+        "the full checks come back for evaluations and each epoch's last step. 'auto' (default): on where "
+        "unsloth compiles the model; 'true' or 'false'")
+    overlap_steps: str = switch(
+        "CUDA: the training loop does not stop to wait for the GPU between steps, so the host queues the next "
+        "step's work while the GPU finishes the last one: the tokens of a batch without padding are counted on "
+        "the host, the logged loss is not checked for NaN on the way (a NaN shows in the log as it is), and "
+        "batches go to the GPU from pinned memory without a wait (unsloth does that by itself). Logging the "
+        "loss is a wait too: --logging-steps 10 waits a tenth as often. 'auto' (default): on with CUDA; "
+        "'true' or 'false'")
     max_gpu_memory: float | None = field(
         default=None, metadata={
             "help": "train within this many GiB of the GPU (e.g. 14.5 for a 16 GB card's budget, or to leave room for "
@@ -180,10 +182,11 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: s
     if hasattr(cfg, "gradient_checkpointing"):  # a YAML value skips argparse's choices: checked here
         mode = checkpointing_mode(cfg.gradient_checkpointing)
         cfg.gradient_checkpointing = mode if isinstance(mode, str) else str(mode).lower()
-    for name in ("cpp_wrapper", "skip_guards", "overlap_steps"):  # the same for these
-        if hasattr(cfg, name):
+    for f in fields(cfg):  # the same for every switch
+        if f.metadata.get("choices") == list(SWITCH):
+            name = f.name
             mode = str(getattr(cfg, name)).lower()
-            if mode not in ("auto", "true", "false"):
+            if mode not in SWITCH:
                 raise ConfigError(f"--{name.replace('_', '-')} must be auto, true or false, not {getattr(cfg, name)!r}")
             setattr(cfg, name, mode)
     if (getattr(cfg, "dataloader_num_workers", None) or 0) < 0:

@@ -133,9 +133,20 @@ def test_a_long_history_is_fitted_with_few_whole_prompt_counts_and_the_same_resu
         assert len(calls) <= 3 < plain_counts, (trial, len(calls), plain_counts)
 
 
-def test_the_worker_reads_only_the_history_a_prompt_could_hold():
-    """A session keeps its whole history (the web page shows it); a turn reads its last messages only, as many as the
-    context could hold at 4 tokens each (a chat template's own tokens around a message: 5 for Llama-3 and ChatML)."""
-    from worker.jobs import history_room
+def test_the_search_finds_the_first_length_that_fits_from_any_guess_with_two_looks_when_the_guess_is_right():
+    """`_first_fitting` over every place the budget can end (or none), from every guess."""
+    from shared.prompts import _first_fitting
 
-    assert history_room(4096) == 1024 and history_room(8192) == 2048 and history_room(3) == 2
+    for n in range(1, 13):
+        for first in range(n + 1):  # fits(i) from i = first on; first == n: nothing fits
+            for guess in range(n):
+                looks = []
+
+                def fits(i, first=first, looks=looks):
+                    assert 0 <= i < n
+                    looks.append(i)
+                    return i >= first
+
+                assert _first_fitting(fits, n, guess) == (first if first < n else None), (n, first, guess)
+                if guess == first or (guess == first - 1 and first < n):
+                    assert len(looks) <= 2, (n, first, guess, looks)
