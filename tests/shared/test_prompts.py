@@ -107,7 +107,7 @@ def test_trimming_cuts_an_overlong_new_message_from_its_start(tokenizer):
 def test_a_long_history_is_fitted_with_few_whole_prompt_counts_and_the_same_result(tokenizer):
     """A busy channel's history is long, and each whole-prompt count renders and tokenizes all that is kept
     (milliseconds for a few thousand tokens). With the messages' own counts (`text_tokens`, cached by the worker) the
-    search starts where they say the budget ends: at most 3 whole counts here, against 7-13 without, and the same
+    search starts where they say the budget ends: at most 3 whole counts here, against 7-10 without, and the same
     messages kept as the search without them."""
     import functools
 
