@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -668,26 +669,37 @@ def overlapping_steps(cfg: TrainConfig, cuda: bool) -> bool:
     return cuda if mode == "auto" else mode == "true"
 
 
-def count_tokens_on_the_host(trainer) -> dict[str, int]:
+def count_tokens_on_the_host(trainer) -> dict:
     """The Trainer counts each batch's tokens with a tensor sent to the GPU and read back (`.item()`): a wait for every
     step queued so far, once a micro-batch. A batch without padding (unsloth's padding-free rows, or packing: no
     attention mask) has as many real tokens as ids, which the host knows: counted so, without that wait. A padded batch
-    is still counted the Trainer's way (its mask says which tokens are real)."""
-    batches = {"on_the_host": 0, "by_the_trainer": 0}  # run.json's record of which count each micro-batch had
+    is still counted the Trainer's way (its mask says which tokens are real), and run.json's record says why."""
+    batches = {"on_the_host": 0, "by_the_trainer": 0, "why": {}}  # run.json: which count each micro-batch had, and why
     own = getattr(trainer, "_track_num_input_tokens", None)
     if own is None:  # another transformers: its own counting stays
         logger.info("--overlap-steps: this transformers counts tokens its own way; left as it is")
         return batches
     name = getattr(trainer.model, "main_input_name", "input_ids")
 
+    def why_not(inputs) -> str | None:
+        if trainer.args.include_num_input_tokens_seen == "no":
+            return "tokens not counted"
+        if not isinstance(inputs, Mapping) or inputs.get(name) is None:
+            return f"no {name}"
+        if inputs.get("attention_mask") is not None:
+            return "attention mask"
+        if getattr(trainer.args, "pad_to_multiple_of", None):  # rows padded to a multiple: pads among the ids
+            return "pad_to_multiple_of"
+        return None
+
     def count(inputs):
-        ids = inputs.get(name) if isinstance(inputs, dict) else None
-        if (ids is None or inputs.get("attention_mask") is not None or trainer.args.include_num_input_tokens_seen == "no"
-                or getattr(trainer.args, "pad_to_multiple_of", None)):  # rows padded to a multiple: pads among the ids
+        why = why_not(inputs)
+        if why:
             batches["by_the_trainer"] += 1
+            batches["why"][why] = batches["why"].get(why, 0) + 1
             return own(inputs)
         batches["on_the_host"] += 1
-        trainer.state.num_input_tokens_seen += ids.numel()
+        trainer.state.num_input_tokens_seen += inputs[name].numel()
 
     trainer._track_num_input_tokens = count
     return batches

@@ -58,7 +58,7 @@ def test_recipe_killed_resumed_and_served(llama_dir, redis_proc, processes, tmp_
     # --overlap-steps auto: on with CUDA; unsloth's padding-free batches (one a step) are all counted on the host
     print("overlap:", record["overlap_steps"])
     assert record["config"]["overlap_steps"] == "true"
-    assert record["overlap_steps"]["token_counts"] == {"on_the_host": record["steps_to_take"], "by_the_trainer": 0}
+    assert record["overlap_steps"]["token_counts"] == {"on_the_host": record["steps_to_take"], "by_the_trainer": 0, "why": {}}
 
     worker = launch_worker(processes, dict(env, REDIS_URL=redis_proc.url, SHALLOW_BACKEND="unsloth", SHALLOW_BASE_MODEL=llama_dir,
                                            SHALLOW_ADAPTER=str(out / "adapter"), SHALLOW_MAX_NEW_TOKENS="32",

@@ -595,9 +595,17 @@ def test_overlapping_steps_count_the_same_tokens_on_the_host_and_train_the_same(
         runs[mode] = json.loads((out / "run.json").read_text()), json.loads((out / "history.json").read_text())
     (on, on_history), (off, off_history) = runs["true"], runs["false"]
     assert on["config"]["overlap_steps"] == "true" and off["config"]["overlap_steps"] == "false"
-    assert on["overlap_steps"] == {"enabled": True, "token_counts": {"on_the_host": 3, "by_the_trainer": 0}}
+    assert on["overlap_steps"] == {"enabled": True, "token_counts": {"on_the_host": 3, "by_the_trainer": 0, "why": {}}}
     assert off["overlap_steps"] == {"enabled": False, "token_counts": None}
     assert on["train_tokens"] == off["train_tokens"] > 3 * 100  # packed rows of up to 128 tokens
     seen = [(h["step"], h["num_input_tokens_seen"], round(h["loss"], 4)) for h in on_history if "loss" in h]
     assert seen == [(h["step"], h["num_input_tokens_seen"], round(h["loss"], 4)) for h in off_history if "loss" in h]
     assert len(seen) == 3 and seen[0][1] < seen[1][1] < seen[2][1]
+    # padded batches (no packing on the CPU backend: rows padded to the longest, with an attention mask) keep the
+    # Trainer's count, and the record says why
+    out = tmp_path / "run-padded"
+    proc = run_train(args_for(model_dir, data, out, "--max-steps", "2", "--overlap-steps", "true"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    padded = json.loads((out / "run.json").read_text())["overlap_steps"]["token_counts"]
+    assert padded["on_the_host"] == 0 and padded["by_the_trainer"] >= 2
+    assert padded["why"] == {"attention mask": padded["by_the_trainer"]}
