@@ -381,7 +381,8 @@ def run_turn(payload: dict[str, Any]) -> dict[str, Any]:
 def history_room(context_tokens: int) -> int:
     """The most messages of a session's history that a prompt of `context_tokens` could hold: each takes 4 tokens or
     more of its chat template (Llama-3's and ChatML's 5). A turn reads no more than that of a long session (the
-    session keeps all of it: the web page shows it), and `fit_messages` keeps what fits of those."""
+    session keeps its last SHALLOW_HISTORY_KEEP messages: the web page shows them), and `fit_messages` keeps what fits
+    of those."""
     return max(2, context_tokens // 4)
 
 

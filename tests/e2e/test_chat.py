@@ -89,6 +89,14 @@ def test_a_long_conversation_keeps_every_prompt_within_the_context(env, start_wo
         prompts.append(done.prompt_tokens)
     assert all(p <= 200 - 16 for p in prompts), prompts  # context minus max_new_tokens
     assert len(client.store.history("console:long", Mode.CHAT)) == 8  # trimming drops from the prompt, not the session
+    # a turn reads only the last messages a prompt could hold (200 // 4 = 50), not the whole of a long session: an
+    # unreadable record older than those is never read (it fails the turn when the worker reads all: checked)
+    turns = "shallow:s:console:long:chat:turns"
+    client.r.lpush(turns, "not a message")
+    client.r.rpush(turns, *[json.dumps({"role": role, "content": "ok"}) for _ in range(25) for role in ("user", "assistant")])
+    _, done = collect(client, client.say("console:long", "Still there?").job_id)
+    assert isinstance(done, Done), done
+    assert client.r.llen(turns) == 1 + 8 + 50 + 2
 
 
 def test_status_reports_queue_workers_and_failures(env, start_worker):
