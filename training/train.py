@@ -744,7 +744,7 @@ def dequantize_base(model) -> dict:
             continue
         # fast_dequantize runs in inference mode: its tensor cannot be saved for a backward pass; a clone can
         weight = fast_dequantize(base.weight, base.weight.quant_state, use_global_buffer=False).clone()
-        linear = torch.nn.Linear(base.in_features, base.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        linear = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta", dtype=weight.dtype)
         linear.weight = torch.nn.Parameter(weight, requires_grad=False)
         linear.bias = base.bias
         module.base_layer = linear
