@@ -240,6 +240,8 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "guards_skipped": record.get("guards_skipped"),  # from which step, and for how many, the guards were skipped
         "overlap_steps": record.get("overlap_steps"),  # whether steps overlapped, and how each batch's tokens were counted
         "dequantized_base": record.get("dequantized_base"),  # the base layers kept dequantized, and their size
+        "batches": record.get("batches"),  # the collator, and whether its batches were padding-free
+        "unsloth_said": [line.strip()[:300] for line in (proc.stdout + proc.stderr).splitlines() if "Unsloth:" in line][:30],
         "curve": points,
         "step_times": steps,
         "step_gc_pauses": step_gc_pauses(history),

@@ -403,6 +403,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if guards.enabled:
         trainer.training_step = guards.guarded(trainer.training_step)
     counted = count_tokens_on_the_host(trainer) if cfg.overlap_steps == "true" else None
+    collator = trainer.data_collator
+    batches = {"collator": f"{type(collator).__module__}.{type(collator).__name__}",  # run.json: how batches are made
+               "padding_free": bool(getattr(collator, "padding_free", False)),
+               "pad_to_multiple_of": getattr(collator, "pad_to_multiple_of", None)}
+    print(f"shallow train: batches by {batches['collator']}, {'padding-free' if batches['padding_free'] else 'padded'}",
+          flush=True)
     if cfg.profile_steps > 0:
         trainer.add_callback(Profile(out / "profile.txt", skip=max(cfg.warmup_steps, 2), steps=cfg.profile_steps))
 
@@ -449,6 +455,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "guards_skipped": guards.record(),
         "overlap_steps": {"enabled": counted is not None, "token_counts": counted},
         "dequantized_base": dequantized,
+        "batches": batches,
         "best_eval_loss": keeper.best,
         "stopped_early": keeper.stopped,
         "adapter": str(out / "adapter"),

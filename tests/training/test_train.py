@@ -606,7 +606,10 @@ def test_overlapping_steps_count_the_same_tokens_on_the_host_and_train_the_same(
     out = tmp_path / "run-padded"
     proc = run_train(args_for(model_dir, data, out, "--max-steps", "2", "--overlap-steps", "true"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    padded = json.loads((out / "run.json").read_text())["overlap_steps"]["token_counts"]
+    record = json.loads((out / "run.json").read_text())
+    padded = record["overlap_steps"]["token_counts"]
+    assert record["batches"]["padding_free"] is False and on["batches"]["padding_free"] is True  # packed rows
+    assert record["batches"]["collator"].endswith("DataCollatorForLanguageModeling")
     assert padded["on_the_host"] == 0 and padded["by_the_trainer"] >= 2
     assert padded["why"] == {"attention mask": padded["by_the_trainer"]}
 
