@@ -381,10 +381,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     evaluating = eval_data is not None
     cfg.overlap_steps = "true" if overlapping_steps(cfg, torch.cuda.is_available()) else "false"  # as resolved, in run.json
     args = sft_config(cfg, out, unsloth=unsloth, cuda=torch.cuda.is_available(), evaluating=evaluating)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=data, eval_dataset=eval_data, processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    with BatchingNotes() as notes:  # what unsloth decides about padding-free batches, which it logs at INFO only
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=data, eval_dataset=eval_data, processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     if unsloth:
         from unsloth.chat_templates import train_on_responses_only
 
@@ -406,7 +407,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     collator = trainer.data_collator
     batches = {"collator": f"{type(collator).__module__}.{type(collator).__name__}",  # run.json: how batches are made
                "padding_free": bool(getattr(collator, "padding_free", False)),
-               "pad_to_multiple_of": getattr(collator, "pad_to_multiple_of", None)}
+               "pad_to_multiple_of": getattr(collator, "pad_to_multiple_of", None),
+               "asked_padding_free": bool(cfg.padding_free), "config_padding_free": getattr(trainer.args, "padding_free", None),
+               "notes": notes.lines}
     print(f"shallow train: batches by {batches['collator']}, {'padding-free' if batches['padding_free'] else 'padded'}",
           flush=True)
     if cfg.profile_steps > 0:
@@ -683,6 +686,38 @@ def overlapping_steps(cfg: TrainConfig, cuda: bool) -> bool:
     """--overlap-steps as this run resolves it: `auto` is on with CUDA (without it there is nothing to overlap)."""
     mode = str(cfg.overlap_steps).lower()
     return cuda if mode == "auto" else mode == "true"
+
+
+class BatchingNotes(logging.Handler):
+    """While the trainer is built: the messages of trl's and unsloth's loggers about padding-free batches and
+    packing (unsloth turns padding-free on or off with an INFO line only), kept for run.json's `batches`."""
+
+    NAMES = ("unsloth", "trl")
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self._levels: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if any(word in text.lower() for word in ("padding", "packing", "padded")):
+            self.lines.append(f"{record.name}: {text}"[:500])
+
+    def __enter__(self):
+        for name in self.NAMES:
+            log = logging.getLogger(name)
+            self._levels[name] = log.level
+            if log.getEffectiveLevel() > logging.INFO:
+                log.setLevel(logging.INFO)
+            log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.NAMES:
+            log = logging.getLogger(name)
+            log.removeHandler(self)
+            log.setLevel(self._levels[name])
 
 
 def count_tokens_on_the_host(trainer) -> dict:

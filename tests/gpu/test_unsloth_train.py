@@ -59,7 +59,7 @@ def test_recipe_killed_resumed_and_served(llama_dir, redis_proc, processes, tmp_
     print("dequantized:", record["dequantized_base"], "checkpointing:", record["config"]["gradient_checkpointing"])
     if record["config"]["gradient_checkpointing"] == "false":
         assert record["config"]["dequantize_base"] == "true" and record["dequantized_base"]["layers"] == 7 * 16
-    print("overlap:", record["overlap_steps"])
+    print("overlap:", record["overlap_steps"], "batches:", record["batches"])
 
     worker = launch_worker(processes, dict(env, REDIS_URL=redis_proc.url, SHALLOW_BACKEND="unsloth", SHALLOW_BASE_MODEL=llama_dir,
                                            SHALLOW_ADAPTER=str(out / "adapter"), SHALLOW_MAX_NEW_TOKENS="32",

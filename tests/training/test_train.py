@@ -610,6 +610,7 @@ def test_overlapping_steps_count_the_same_tokens_on_the_host_and_train_the_same(
     padded = record["overlap_steps"]["token_counts"]
     assert record["batches"]["padding_free"] is False and on["batches"]["padding_free"] is True  # packed rows
     assert record["batches"]["collator"].endswith("DataCollatorForLanguageModeling")
+    assert record["batches"]["asked_padding_free"] is True and isinstance(record["batches"]["notes"], list)
     assert padded["on_the_host"] == 0 and padded["by_the_trainer"] >= 2
     assert padded["why"] == {"attention mask": padded["by_the_trainer"]}
 
@@ -634,3 +635,28 @@ def test_dequantize_base_resolves_auto_to_where_checkpointing_is_off_and_only_wi
     bad.write_text("dequantize_base: sometimes\n")
     with pytest.raises(ConfigError, match="--dequantize-base must be auto, true or false"):
         parse_config(["--config", str(bad)])
+
+
+def test_unsloths_padding_decisions_logged_while_the_trainer_is_built_are_kept_for_run_json():
+    """unsloth turns padding-free batches on or off with INFO lines only (session 27 found its batches padded with no
+    word said): `BatchingNotes` keeps trl's and unsloth's lines about padding and packing while the trainer is built,
+    whatever the loggers' levels, and leaves the levels as they were."""
+    import logging
+
+    from training.train import BatchingNotes
+
+    unsloth_log, trl_log = logging.getLogger("unsloth.trainer"), logging.getLogger("trl.trainer.sft_trainer")
+    before = logging.getLogger("unsloth").level
+    logging.getLogger("unsloth").setLevel(logging.WARNING)
+    try:
+        with BatchingNotes() as notes:
+            unsloth_log.info("Unsloth: Auto padding-free disabled because the trainer rejected it (max_length).")
+            unsloth_log.info("Unsloth: compiling each transformer block as one region")  # not about batches
+            trl_log.warning("Padding-free training is yet not supported for vision datasets.")
+        unsloth_log.info("Unsloth: Padding-free auto-enabled")  # after: not kept
+        assert notes.lines == [
+            "unsloth.trainer: Unsloth: Auto padding-free disabled because the trainer rejected it (max_length).",
+            "trl.trainer.sft_trainer: Padding-free training is yet not supported for vision datasets."]
+        assert logging.getLogger("unsloth").level == logging.WARNING
+    finally:
+        logging.getLogger("unsloth").setLevel(before)
