@@ -35,6 +35,8 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
            the defaults before session 26)
   quantized the defaults with the 4-bit base dequantized at every use (`--dequantize-base false`: the defaults
            before session 27)
+  padfree  the defaults with padding-free batches asked of unsloth outright (`--padding-free true`; `auto`, the
+           default, lets unsloth choose, and it chose padded on an H100 in session 27)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -82,7 +84,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
 
 
 PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp",
-           "guarded", "waiting", "quantized")
+           "guarded", "waiting", "quantized", "padfree")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -123,6 +125,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--overlap-steps", "false"]
     if name == "quantized":
         return ["--dequantize-base", "false"]
+    if name == "padfree":
+        return ["--padding-free", "true"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 

@@ -129,11 +129,11 @@ class TrainConfig:
     dataloader_num_workers: int | None = field(
         default=None, metadata={"help": "processes that collate the batches while the GPU trains (0: the training "
                                         "process; default: 2 with CUDA, 0 without)"})
-    padding_free: bool = field(
-        default=True,
-        metadata={"help": "unsloth: a batch's conversations end to end in one row, no padding (same loss as padded); "
-                          "the transformers backend pads unless --packing"},
-    )
+    padding_free: str = switch(
+        "unsloth: a batch's conversations end to end in one row, no padding (the same loss as padded). 'auto' "
+        "(default): unsloth chooses (on an H100 in session 27 it chose padded batches, without a word: run.json's "
+        "`batches` says what a run got); 'true': asked for outright (not yet measured on a GPU); 'false': padded. "
+        "The transformers backend pads unless --packing")
     gradient_checkpointing: str = field(
         default="auto", metadata={
             "help": "recompute activations in the backward pass (less memory, more compute, the same results): 'auto' "
@@ -408,7 +408,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     batches = {"collator": f"{type(collator).__module__}.{type(collator).__name__}",  # run.json: how batches are made
                "padding_free": bool(getattr(collator, "padding_free", False)),
                "pad_to_multiple_of": getattr(collator, "pad_to_multiple_of", None),
-               "asked_padding_free": bool(cfg.padding_free), "config_padding_free": getattr(trainer.args, "padding_free", None),
+               "asked_padding_free": cfg.padding_free, "config_padding_free": getattr(trainer.args, "padding_free", None),
                "notes": notes.lines}
     print(f"shallow train: batches by {batches['collator']}, {'padding-free' if batches['padding_free'] else 'padded'}",
           flush=True)
@@ -474,6 +474,9 @@ def sft_config(cfg: TrainConfig, out: Path, *, unsloth: bool, cuda: bool, evalua
     import torch
     from trl import SFTConfig
 
+    if str(cfg.padding_free).lower() == "true" and not unsloth and not cfg.packing:
+        print("shallow train: --padding-free true has no effect on the transformers backend: it pads unless --packing",
+              flush=True)
     optim = cfg.optim
     if (optim.endswith("_8bit") or optim == "adamw_torch_fused") and not cuda:
         logger.info("%s is for CUDA here; using adamw_torch", optim)
@@ -508,10 +511,11 @@ def sft_config(cfg: TrainConfig, out: Path, *, unsloth: bool, cuda: bool, evalua
         # token equal to the pad id (the end-of-turn token of models that pad with it): count them all
         include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
         packing=cfg.packing,
-        # trl refuses padding-free rows without packing while max_length is set; unsloth, left to choose
-        # (None), moves the cut to its own data preparation and picks padding-free where it is faster (on
-        # H100/H200 always). The transformers backend pads unless packing.
-        padding_free=(None if cfg.padding_free else False) if unsloth else False,
+        # trl refuses padding-free rows without packing while max_length is set; unsloth, left to choose (None),
+        # means to move the cut to its own data preparation and to pick padding-free where it is faster, but on an
+        # H100 (session 27) its batches came padded; `true` asks for them outright. The transformers backend pads
+        # unless packing.
+        padding_free={"auto": None, "true": True}.get(str(cfg.padding_free).lower(), False) if unsloth else False,
         dataset_num_proc=cfg.dataset_num_proc,
         dataloader_num_workers=collating_workers(cfg, cuda),
         # --overlap-steps: no wait for the GPU as a batch goes to it (pinned memory, the Trainer's default, and a copy

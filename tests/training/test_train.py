@@ -220,8 +220,24 @@ def test_the_defaults_take_the_labs_8_conversations_a_step_in_one_pass():
 
     cfg = parse_config([])
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (8, 1)
-    assert cfg.padding_free and cfg.gradient_checkpointing == "auto" and not cfg.packing
+    assert cfg.padding_free == "auto" and cfg.gradient_checkpointing == "auto" and not cfg.packing
     assert cfg.optim == "adamw_torch_fused"
+
+
+def test_padding_free_is_auto_true_or_false_from_flags_and_yaml_booleans(tmp_path):
+    """--padding-free was a boolean until session 27 (and configs may say `padding_free: false`): now auto (unsloth
+    chooses), true (asked for outright) or false; a YAML boolean still means what it said."""
+    from training.train import parse_config
+
+    assert parse_config(["--padding-free", "false"]).padding_free == "false"
+    assert parse_config(["--padding-free", "true"]).padding_free == "true"
+    for value, expected in (("false", "false"), ("true", "true"), ("auto", "auto")):
+        f = tmp_path / f"{value}.yaml"
+        f.write_text(f"padding_free: {value}\n")
+        assert parse_config(["--config", str(f)]).padding_free == expected
+    (tmp_path / "bad.yaml").write_text("padding_free: sometimes\n")
+    with pytest.raises(ConfigError, match="--padding-free must be auto, true or false"):
+        parse_config(["--config", str(tmp_path / "bad.yaml")])
 
 
 def test_gradient_checkpointing_takes_three_modes_from_flags_and_yaml(tmp_path):
@@ -604,13 +620,15 @@ def test_overlapping_steps_count_the_same_tokens_on_the_host_and_train_the_same(
     # padded batches (no packing on the CPU backend: rows padded to the longest, with an attention mask) keep the
     # Trainer's count, and the record says why
     out = tmp_path / "run-padded"
-    proc = run_train(args_for(model_dir, data, out, "--max-steps", "2", "--overlap-steps", "true"), tmp_path)
+    proc = run_train(args_for(model_dir, data, out, "--max-steps", "2", "--overlap-steps", "true", "--padding-free", "true"),
+                     tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--padding-free true has no effect on the transformers backend" in proc.stdout  # it pads: said, not silent
     record = json.loads((out / "run.json").read_text())
     padded = record["overlap_steps"]["token_counts"]
     assert record["batches"]["padding_free"] is False and on["batches"]["padding_free"] is True  # packed rows
     assert record["batches"]["collator"].endswith("DataCollatorForLanguageModeling")
-    assert record["batches"]["asked_padding_free"] is True and isinstance(record["batches"]["notes"], list)
+    assert record["batches"]["asked_padding_free"] == "true" and isinstance(record["batches"]["notes"], list)
     assert padded["on_the_host"] == 0 and padded["by_the_trainer"] >= 2
     assert padded["why"] == {"attention mask": padded["by_the_trainer"]}
 
