@@ -282,9 +282,10 @@ def _load(cfg: TrainConfig, base: str, unsloth: bool):
         from unsloth import FastLanguageModel
         from unsloth.chat_templates import get_chat_template
 
-        # cuDNN's attention builds a plan for every new sequence length, ~4 ms of host time a call, and
-        # padding-free batches have a new length at every step: the top item of the profile. Without it,
-        # PyTorch's flash kernel: 6,930 -> 14,964 tokens/s, same loss (H200, 1B shape, one run each).
+        # cuDNN's attention builds a plan for every new sequence length, ~4 ms of host time a call, and the
+        # batches (padded to their longest conversation, or padding-free) have a new length at nearly every
+        # step: the top item of the profile. Without it, PyTorch's flash kernel: 6,930 -> 14,964 tokens/s,
+        # same loss (H200, 1B shape, one run each).
         torch.backends.cuda.enable_cudnn_sdp(False)
 
         model, tokenizer = FastLanguageModel.from_pretrained(
