@@ -132,12 +132,10 @@ def fit_messages(
         first = _first_fitting(lambda i: tokens(i) <= budget, len(candidates), start)  # False, then True as i rises
         if first is not None:
             return build(candidates[first], user_text)
-    elif count_tokens(build(0, user_text)) <= budget:
+    if count_tokens(build(0, user_text)) <= budget:  # no history fits (or there is none): the new message alone
         return build(0, user_text)
 
     # Even the new message alone is too long: cut it from its start, as little as fits (binary search).
-    if candidates and count_tokens(build(0, user_text)) <= budget:
-        return build(0, user_text)  # no pair fits, the new message alone does
     if count_tokens(build(0, "")) > budget:
         raise ValueError(f"the system prompt alone is over the budget of {budget} tokens")
     lo, hi = 0, len(user_text)  # the smallest cut whose remainder fits; cutting more never costs more

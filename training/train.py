@@ -80,6 +80,12 @@ def switch(help: str):
     return field(default="auto", metadata={"help": help, "choices": list(SWITCH)})
 
 
+def switched_on(value: str, auto: bool) -> bool:
+    """A switch as this run resolves it: `auto` is what the run's own rule says, else as forced."""
+    mode = str(value).lower()
+    return auto if mode == "auto" else mode == "true"
+
+
 @dataclass
 class TrainConfig:
     """The lab's recipe, one field per setting; `shallow train --help` lists them with these texts."""
@@ -690,8 +696,7 @@ class GarbageCollection(TrainerCallback):
 
 def overlapping_steps(cfg: TrainConfig, cuda: bool) -> bool:
     """--overlap-steps as this run resolves it: `auto` is on with CUDA (without it there is nothing to overlap)."""
-    mode = str(cfg.overlap_steps).lower()
-    return cuda if mode == "auto" else mode == "true"
+    return switched_on(cfg.overlap_steps, auto=cuda)
 
 
 class BatchingNotes(logging.Handler):
@@ -765,14 +770,12 @@ def count_tokens_on_the_host(trainer) -> dict:
 def dequantizing_base(cfg: TrainConfig, unsloth: bool) -> bool:
     """--dequantize-base as this run resolves it: only unsloth's 4-bit base has anything to dequantize; `auto` is on
     where gradient checkpointing resolved off (a GPU with room for the longest step's activations: 3/4 of it)."""
-    mode = str(cfg.dequantize_base).lower()
-    if not unsloth:
-        if mode == "true":
+    on = switched_on(cfg.dequantize_base, auto=str(cfg.gradient_checkpointing).lower() == "false")
+    if on and not unsloth:
+        if str(cfg.dequantize_base).lower() == "true":
             print("shallow train: --dequantize-base has no effect without unsloth's 4-bit base", flush=True)
         return False
-    if mode == "auto":
-        return str(cfg.gradient_checkpointing).lower() == "false"
-    return mode == "true"
+    return on
 
 
 def dequantize_base(model) -> dict:
@@ -805,10 +808,7 @@ def dequantize_base(model) -> dict:
 
 def skipping_guards(cfg: TrainConfig, cuda: bool, unsloth: bool) -> bool:
     """--skip-guards as this run resolves it: `auto` is on where something is compiled (unsloth, on CUDA)."""
-    mode = str(cfg.skip_guards).lower()
-    if mode == "auto":
-        return cuda and unsloth
-    return mode == "true"
+    return switched_on(cfg.skip_guards, auto=cuda and unsloth)
 
 
 class SkipGuards(TrainerCallback):
