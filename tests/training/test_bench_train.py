@@ -49,6 +49,8 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     # whether the compiled calls' guards were skipped (`--skip-guards auto`: nothing is compiled on the CPU, so no)
     assert default["guards_skipped"] == {"enabled": False, "from_step": None, "steps": 0, "retried": 0}
     assert default["overlap_steps"] == {"enabled": False, "token_counts": None}  # auto: off without CUDA
+    assert default["dequantized_base"] is None  # no 4-bit base without unsloth
+    assert default["batches"]["collator"].endswith("DataCollatorForLanguageModeling") and default["batches"]["padding_free"] is False
     assert "| guards skipped |" in proc.stdout
     # the host the figures were measured on, by bench.host_probe in a process of its own
     import torch
@@ -68,6 +70,8 @@ def test_presets_join_with_plus_and_an_unknown_one_is_refused_before_anything_ru
     assert preset_args("default+workers", 2048, 500.0) == ["--dataloader-num-workers", "2"]
     assert preset_args("cpp+guarded", 2048, 500.0) == ["--cpp-wrapper", "true", "--skip-guards", "false"]
     assert preset_args("cpp+waiting", 2048, 500.0) == ["--cpp-wrapper", "true", "--overlap-steps", "false"]
+    assert preset_args("cpp+quantized", 2048, 500.0) == ["--cpp-wrapper", "true", "--dequantize-base", "false"]
+    assert preset_args("padfree", 2048, 500.0) == ["--padding-free", "true"]
     data = write_sharegpt(tmp_path / "pirate.jsonl", 8)
     proc = subprocess.run(
         [sys.executable, "-m", "shared.cli", "bench", "train", "--base-model", "/nonexistent/model", "--data", str(data),
