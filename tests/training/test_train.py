@@ -240,6 +240,21 @@ def test_padding_free_is_auto_true_or_false_from_flags_and_yaml_booleans(tmp_pat
         parse_config(["--config", str(tmp_path / "bad.yaml")])
 
 
+@pytest.mark.parametrize("flag, unsloth_gets", [("auto", None), ("true", True), ("false", False)])
+def test_padding_free_reaches_unsloth_as_none_true_or_false_and_the_transformers_backend_pads(
+        tmp_path, capsys, flag, unsloth_gets):
+    """unsloth reads SFTConfig.padding_free None as "you choose", True as asked outright, False as off; the
+    transformers backend always gets False (trl would refuse padding-free rows without packing), and says so for
+    an explicit `true`."""
+    from training.train import parse_config, sft_config
+
+    cfg = parse_config(["--padding-free", flag])
+    assert sft_config(cfg, tmp_path, unsloth=True, cuda=False, evaluating=False).padding_free is unsloth_gets
+    assert "has no effect" not in capsys.readouterr().out
+    assert sft_config(cfg, tmp_path, unsloth=False, cuda=False, evaluating=False).padding_free is False
+    assert ("has no effect on the transformers backend" in capsys.readouterr().out) is (flag == "true")
+
+
 def test_gradient_checkpointing_takes_three_modes_from_flags_and_yaml(tmp_path):
     from shared.errors import ConfigError
     from training.train import checkpointing_mode, parse_config
