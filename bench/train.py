@@ -36,7 +36,9 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   quantized the defaults with the 4-bit base dequantized at every use (`--dequantize-base false`: the defaults
            before session 27)
   padfree  the defaults with padding-free batches asked of unsloth outright (`--padding-free true`; `auto`, the
-           default, lets unsloth choose, and it chose padded on an H100 in session 27)
+           default, lets unsloth choose)
+  padded   the defaults with padded batches (`--padding-free false`): what the runs before session 28 had, since
+           unsloth was imported after trl and trl's own SFTTrainer ran, which pads
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -84,7 +86,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
 
 
 PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp",
-           "guarded", "waiting", "quantized", "padfree")
+           "guarded", "waiting", "quantized", "padfree", "padded")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -127,6 +129,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--dequantize-base", "false"]
     if name == "padfree":
         return ["--padding-free", "true"]
+    if name == "padded":
+        return ["--padding-free", "false"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 
@@ -245,7 +249,8 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "overlap_steps": record.get("overlap_steps"),  # whether steps overlapped, and how each batch's tokens were counted
         "dequantized_base": record.get("dequantized_base"),  # the base layers kept dequantized, and their size
         "batches": record.get("batches"),  # the collator, and whether its batches were padding-free
-        "unsloth_said": [line.strip()[:300] for line in (proc.stdout + proc.stderr).splitlines() if "Unsloth:" in line][:30],
+        "unsloth_said": [line.strip()[:300] for line in (proc.stdout + proc.stderr).splitlines()
+                         if "Unsloth:" in line or "Unsloth should" in line][:30],
         "curve": points,
         "step_times": steps,
         "step_gc_pauses": step_gc_pauses(history),

@@ -51,7 +51,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         settings = replace(settings, fronts=args.fronts)
         os.environ["SHALLOW_FRONTS"] = str(args.fronts)  # for the worker processes a supervisor starts
     gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
-    if (args.processes and args.processes > 1) or gpus:
+    supervising = (args.processes and args.processes > 1) or gpus  # the workers it starts each load the model
+    from worker.remote import ENV_ADDRESS
+
+    if settings.backend == "unsloth" and not supervising and not os.environ.get(ENV_ADDRESS):  # (a front does not)
+        import_unsloth_first()
+    if supervising:
         from worker.supervisor import supervise
 
         return supervise(args.processes, gpus, args.name)
@@ -125,7 +130,55 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return main(args.rest, settings)
 
 
+def asked_backend(argv: list[str]) -> str:
+    """The training backend that `shallow train`/`sweep` flags ask for: --backend on the command line, else in the
+    --config YAML, else auto. Read before trl's parser, which imports trl; that parser checks the values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backend")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    backend = known.backend
+    if backend is None and known.config:
+        import yaml
+
+        try:
+            with open(known.config, encoding="utf-8") as f:
+                backend = (yaml.safe_load(f) or {}).get("backend")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):  # trl's parser says what is wrong with it
+            backend = None
+    return str(backend or "auto").lower()
+
+
+def unsloth_will_train(argv: list[str]) -> bool:
+    """--backend auto or unsloth, with unsloth installed and CUDA (what training.train._use_unsloth decides)."""
+    import importlib.util
+
+    if asked_backend(argv) not in ("auto", "unsloth") or importlib.util.find_spec("unsloth") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def import_unsloth_first() -> None:
+    """unsloth patches transformers, trl and peft as it is imported: trl's SFTTrainer becomes its UnslothSFTTrainer
+    (its own data preparation, padding-free batches), among much else. Imported after them, the unpatched classes
+    run, with only a warning: until session 28 every GPU training run here took trl's own SFTTrainer, whose batches
+    are padded. So a process that will run unsloth imports it before anything else does."""
+    if "unsloth" in sys.modules:
+        return
+    late = [name for name in ("trl", "transformers", "peft") if name in sys.modules]
+    if late:  # this module imports none of them: a caller did
+        logger.warning("unsloth is imported after %s: their unpatched classes may run", ", ".join(late))
+    try:
+        import unsloth  # noqa: F401 - imported for its patches
+    except ImportError:  # the backend's own check says what to install
+        pass
+
+
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    if unsloth_will_train(args.rest):
+        import_unsloth_first()
     from training.train import main
 
     configure_logging("INFO")
@@ -133,6 +186,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
+    if unsloth_will_train(args.rest):
+        import_unsloth_first()
     from training.sweep import main
 
     configure_logging("INFO")

@@ -334,7 +334,6 @@ def _load(cfg: TrainConfig, base: str, unsloth: bool):
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one training run; returns its record (also written to OUTPUT/run.json)."""
     import torch
-    from trl import SFTTrainer
 
     from training.data import load_conversations
 
@@ -389,8 +388,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     evaluating = eval_data is not None
     cfg.overlap_steps = "true" if overlapping_steps(cfg, torch.cuda.is_available()) else "false"  # as resolved, in run.json
     args = sft_config(cfg, out, unsloth=unsloth, cuda=torch.cuda.is_available(), evaluating=evaluating)
+    import trl  # read now, after unsloth's import (in _load) replaced trl.SFTTrainer by its own
+
     with BatchingNotes() as notes:  # what unsloth decides about padding-free batches, which it logs at INFO only
-        trainer = SFTTrainer(
+        trainer = trl.SFTTrainer(
             model=model, args=args, train_dataset=data, eval_dataset=eval_data, processing_class=tokenizer,
             peft_config=peft_config,
         )
@@ -413,7 +414,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.training_step = guards.guarded(trainer.training_step)
     counted = count_tokens_on_the_host(trainer) if cfg.overlap_steps == "true" else None
     collator = trainer.data_collator
-    batches = {"collator": f"{type(collator).__module__}.{type(collator).__name__}",  # run.json: how batches are made
+    batches = {"trainer": f"{type(trainer).__module__}.{type(trainer).__name__}",  # run.json: how batches are made
+               "collator": f"{type(collator).__module__}.{type(collator).__name__}",
                "padding_free": bool(getattr(collator, "padding_free", False)),
                "pad_to_multiple_of": getattr(collator, "pad_to_multiple_of", None),
                "asked_padding_free": cfg.padding_free, "config_padding_free": getattr(trainer.args, "padding_free", None),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from shared.client import TurnClient
 from shared.protocol import Done
@@ -60,6 +61,14 @@ def test_recipe_killed_resumed_and_served(llama_dir, redis_proc, processes, tmp_
     if record["config"]["gradient_checkpointing"] == "false":
         assert record["config"]["dequantize_base"] == "true" and record["dequantized_base"]["layers"] == 7 * 16
     print("overlap:", record["overlap_steps"], "batches:", record["batches"])
+    # unsloth imported before trl, transformers and peft (until session 28 it came after them: trl's own SFTTrainer
+    # ran, with padded batches); where unsloth has no measurement of padded batches (an H100 or H200, sm90), it
+    # keeps padding-free ones
+    for text in ((tmp_path / "first.log").read_text(), resumed.stdout, resumed.stderr):
+        assert "Unsloth should be imported before" not in text
+    assert record["batches"]["trainer"].endswith(".UnslothSFTTrainer")
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert record["batches"]["padding_free"], record["batches"]
 
     worker = launch_worker(processes, dict(env, REDIS_URL=redis_proc.url, SHALLOW_BACKEND="unsloth", SHALLOW_BASE_MODEL=llama_dir,
                                            SHALLOW_ADAPTER=str(out / "adapter"), SHALLOW_MAX_NEW_TOKENS="32",
@@ -69,6 +78,7 @@ def test_recipe_killed_resumed_and_served(llama_dir, redis_proc, processes, tmp_
     events = list(client.follow(sub.job_id, timeout=300, poll=0.5))
     assert isinstance(events[-1], Done), (events[-1], worker.log_path.read_text()[-2000:])
     assert f"adapter {out / 'adapter'}" in worker.log_path.read_text()
+    assert "Unsloth should be imported before" not in worker.log_path.read_text()
     # --overlap-steps auto: on with CUDA; padding-free batches (one a step) are counted on the host, padded ones the
     # Trainer's way (session 27 on an H100: unsloth's train_on_responses_only had swapped in a padding collator)
     assert record["config"]["overlap_steps"] == "true"

@@ -643,6 +643,7 @@ def test_overlapping_steps_count_the_same_tokens_on_the_host_and_train_the_same(
     padded = record["overlap_steps"]["token_counts"]
     assert record["batches"]["padding_free"] is False and on["batches"]["padding_free"] is True  # packed rows
     assert record["batches"]["collator"].endswith("DataCollatorForLanguageModeling")
+    assert record["batches"]["trainer"] == "trl.trainer.sft_trainer.SFTTrainer"  # no unsloth on the CPU
     assert record["batches"]["asked_padding_free"] == "true" and isinstance(record["batches"]["notes"], list)
     assert padded["on_the_host"] == 0 and padded["by_the_trainer"] >= 2
     assert padded["why"] == {"attention mask": padded["by_the_trainer"]}
@@ -693,3 +694,44 @@ def test_unsloths_padding_decisions_logged_while_the_trainer_is_built_are_kept_f
         assert logging.getLogger("unsloth").level == logging.WARNING
     finally:
         logging.getLogger("unsloth").setLevel(before)
+
+
+def test_the_backend_asked_for_is_read_from_flags_then_the_config_before_trl_is_imported(tmp_path):
+    from shared.cli import asked_backend
+
+    assert asked_backend([]) == "auto"
+    assert asked_backend(["--backend", "Transformers", "--max-steps", "3"]) == "transformers"
+    assert asked_backend(["--backend=unsloth"]) == "unsloth"
+    config = tmp_path / "run.yaml"
+    config.write_text("backend: transformers\nmax_steps: 3\n")
+    assert asked_backend(["--config", str(config)]) == "transformers"
+    assert asked_backend(["--config", str(config), "--backend", "unsloth"]) == "unsloth"  # the flag wins, as trl's
+    for text in ("- a list\n", "backend: [unclosed\n"):  # not this reader's to judge: trl's parser says what is wrong
+        config.write_text(text)
+        assert asked_backend(["--config", str(config)]) == "auto"
+    assert asked_backend(["--config", str(tmp_path / "missing.yaml")]) == "auto"
+
+
+@pytest.mark.parametrize("flags, imported", [([], True), (["--backend", "transformers"], False)])
+def test_shallow_train_imports_unsloth_before_trl_transformers_and_peft_where_unsloth_will_train(
+        tmp_path, flags, imported):
+    """unsloth replaces trl's SFTTrainer by its own (padding-free batches, its data preparation) only if it is imported
+    first: sessions 16-27 trained with trl's own, padded. This CPU box has neither unsloth nor CUDA, so a stand-in
+    `unsloth` package records what was imported before it, and CUDA is said to be there; `--help` then stops
+    `shallow train` once training.train is loaded."""
+    fake = tmp_path / "site" / "unsloth"
+    fake.mkdir(parents=True)
+    record = tmp_path / "before-unsloth.json"
+    (fake / "__init__.py").write_text(
+        "import json, os, sys\n"
+        "json.dump([m for m in ('trl', 'transformers', 'peft') if m in sys.modules], open(os.environ['RECORD'], 'w'))\n")
+    code = ("import sys, torch\ntorch.cuda.is_available = lambda: True\nfrom shared.cli import main\n"
+            f"sys.exit(main(['train', *{flags!r}, '--help']))")
+    env = dict(os.environ, RECORD=str(record), PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{ROOT}")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--padding-free" in proc.stdout  # training.train's parser answered
+    if imported:
+        assert json.loads(record.read_text()) == []
+    else:
+        assert not record.exists()
