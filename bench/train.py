@@ -37,8 +37,8 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
            before session 27)
   padfree  the defaults with padding-free batches asked of unsloth outright (`--padding-free true`; `auto`, the
            default, lets unsloth choose)
-  padded   the defaults with padded batches (`--padding-free false`): what the runs before session 28 had, since
-           unsloth was imported after trl and trl's own SFTTrainer ran, which pads
+  padded   the defaults with padded batches (`--padding-free false`): what the runs before session 28 had (from
+           session 15 at least), since unsloth was imported after trl and trl's own SFTTrainer ran, which pads
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
