@@ -118,6 +118,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         from bench.train import main as train_main
 
         return train_main(args.rest[1:])
+    if settings.backend == "unsloth" and "--direct" in args.rest:  # the model is loaded in this process
+        import_unsloth_first()
     from bench.serve import main
 
     return main(args.rest, settings)

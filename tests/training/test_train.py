@@ -712,26 +712,39 @@ def test_the_backend_asked_for_is_read_from_flags_then_the_config_before_trl_is_
     assert asked_backend(["--config", str(tmp_path / "missing.yaml")]) == "auto"
 
 
-@pytest.mark.parametrize("flags, imported", [([], True), (["--backend", "transformers"], False)])
-def test_shallow_train_imports_unsloth_before_trl_transformers_and_peft_where_unsloth_will_train(
-        tmp_path, flags, imported):
-    """unsloth replaces trl's SFTTrainer by its own (padding-free batches, its data preparation) only if it is imported
-    first: sessions 16-27 trained with trl's own, padded. This CPU box has neither unsloth nor CUDA, so a stand-in
-    `unsloth` package records what was imported before it, and CUDA is said to be there; `--help` then stops
-    `shallow train` once training.train is loaded."""
+def run_with_a_stand_in_unsloth(tmp_path: Path, argv: list[str], **env: str) -> tuple[subprocess.CompletedProcess, list | None]:
+    """`shallow ARGV` where CUDA is said to be there and a stand-in `unsloth` package records, as it is imported,
+    which of trl, transformers and peft were imported before it (None: it was not imported)."""
     fake = tmp_path / "site" / "unsloth"
-    fake.mkdir(parents=True)
+    fake.mkdir(parents=True, exist_ok=True)
     record = tmp_path / "before-unsloth.json"
+    record.unlink(missing_ok=True)
     (fake / "__init__.py").write_text(
         "import json, os, sys\n"
         "json.dump([m for m in ('trl', 'transformers', 'peft') if m in sys.modules], open(os.environ['RECORD'], 'w'))\n")
     code = ("import sys, torch\ntorch.cuda.is_available = lambda: True\nfrom shared.cli import main\n"
-            f"sys.exit(main(['train', *{flags!r}, '--help']))")
-    env = dict(os.environ, RECORD=str(record), PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{ROOT}")
+            f"sys.exit(main({argv!r}))")
+    env = dict(os.environ, RECORD=str(record), PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{ROOT}", **env)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return proc, json.loads(record.read_text()) if record.exists() else None
+
+
+@pytest.mark.parametrize("flags, imported", [([], True), (["--backend", "transformers"], False)])
+def test_shallow_train_imports_unsloth_before_trl_transformers_and_peft_where_unsloth_will_train(
+        tmp_path, flags, imported):
+    """unsloth replaces trl's SFTTrainer by its own (padding-free batches, its data preparation) only if it is imported
+    first: the runs until session 28 trained with trl's own, padded. This CPU box has neither unsloth nor CUDA (a
+    stand-in, and CUDA said to be there); `--help` stops `shallow train` once training.train is loaded."""
+    proc, before = run_with_a_stand_in_unsloth(tmp_path, ["train", *flags, "--help"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--padding-free" in proc.stdout  # training.train's parser answered
-    if imported:
-        assert json.loads(record.read_text()) == []
-    else:
-        assert not record.exists()
+    assert before == ([] if imported else None)
+
+
+def test_an_unsloth_worker_imports_unsloth_before_transformers_and_peft(tmp_path):
+    """The worker's unsloth backend (SHALLOW_BACKEND=unsloth) loads the model in the `shallow worker` process: unsloth
+    first there too. With no Redis at REDIS_URL it then stops, saying so."""
+    proc, before = run_with_a_stand_in_unsloth(tmp_path, ["worker", "--burst"], SHALLOW_BACKEND="unsloth",
+                                               REDIS_URL="redis://127.0.0.1:1/0")
+    assert before == []
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
