@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -207,6 +208,19 @@ def curve_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], grid: 
             "final_gap": round(abs(a[-1][1] - b[-1][1]), 4), "from_share": round(start, 3)}
 
 
+def padding_at(lengths: list[int], rows: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """A micro batch of `rows` conversations drawn at random, as the Trainer shuffles: its real tokens, its tokens
+    padded to its longest row (what a padded batch computes), and the real share (what padding-free batches save)."""
+    rng = random.Random(seed)
+    real = padded = 0
+    for _ in range(draws):
+        batch = [rng.choice(lengths) for _ in range(rows)]
+        real += sum(batch)
+        padded += rows * max(batch)
+    return {"rows": rows, "real_tokens": round(real / draws, 1), "padded_tokens": round(padded / draws, 1),
+            "real_share": round(real / padded, 3)}
+
+
 def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_tokens: float, index: int = 0) -> dict:
     run_dir = out / f"{index}-{name}"
     cmd = [sys.executable, "-m", "shared.cli", "train", "--base-model", args.base_model, "--dataset", str(data),
@@ -313,13 +327,17 @@ def main(argv: list[str]) -> int:
         lengths = conversation_tokens(data, args.base_model)
         mean_tokens = sum(min(n, args.max_seq_length) for n in lengths) / len(lengths)
         print(f"bench train: {len(lengths)} conversations, {mean_tokens:.0f} tokens on average", file=sys.stderr, flush=True)
+        padding = padding_at([min(n, args.max_seq_length) for n in lengths], RECIPE_SEQUENCES)
+        print(f"bench train: a batch of {padding['rows']} holds {padding['real_tokens']:,.0f} real tokens, "
+              f"{padding['padded_tokens']:,.0f} padded ({padding['real_share']:.0%} real)", file=sys.stderr, flush=True)
         rows = []
         for index, name in enumerate(names):
             if rows and rows[0]["preset"] == "recipe" and "error" not in rows[0]:  # a conversation's tokens, as trained
                 recipe = rows[0]
                 mean_tokens = recipe["real_tokens"] / min(recipe["steps"] * RECIPE_SEQUENCES, len(lengths) * args.epochs)
             rows.append(run_preset(name, args, data, out, mean_tokens, index))
-    result: dict = {"conversations": len(lengths), "mean_tokens": round(mean_tokens, 1), "host": host, "runs": rows}
+    result: dict = {"conversations": len(lengths), "mean_tokens": round(mean_tokens, 1), "padding": padding, "host": host,
+                    "runs": rows}
     print(table(rows, args.skip_steps))
     ok = [r for r in rows if "error" not in r and r["curve"]]
     if len(ok) >= 2:

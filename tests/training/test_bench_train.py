@@ -52,6 +52,9 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     assert default["dequantized_base"] is None  # no 4-bit base without unsloth
     assert default["batches"]["collator"].endswith("DataCollatorForLanguageModeling") and default["batches"]["padding_free"] is False
     assert "| guards skipped |" in proc.stdout
+    # what padded batches of the data compute beyond its real tokens (8 a step, each the length of its longest)
+    assert result["padding"]["rows"] == 8 and 0 < result["padding"]["real_share"] <= 1
+    assert result["padding"]["real_tokens"] <= result["padding"]["padded_tokens"] and "real)" in proc.stderr
     # the host the figures were measured on, by bench.host_probe in a process of its own
     import torch
 
@@ -80,6 +83,16 @@ def test_presets_join_with_plus_and_an_unknown_one_is_refused_before_anything_ru
         cwd=ROOT, env=dict(os.environ, SHALLOW_HOME=str(tmp_path / "home")), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "unknown preset 'quick'" in proc.stderr
     assert not (tmp_path / "runs" / "0-default").exists()  # nothing trained
+
+
+def test_the_padding_of_random_batches_is_what_their_longest_rows_add():
+    from bench.train import padding_at
+
+    assert padding_at([300] * 5, 8)["real_share"] == 1.0  # all of one length: nothing padded
+    # rows of 100 and 300, two a batch: a quarter are 100+100, half 100+300 (600 computed), a quarter 300+300
+    mixed = padding_at([100, 300], 2, draws=20000)
+    assert mixed["rows"] == 2 and abs(mixed["real_tokens"] - 400) < 8 and abs(mixed["padded_tokens"] - 500) < 8
+    assert abs(mixed["real_share"] - 0.8) < 0.01
 
 
 def test_step_spread_tells_stalls_from_the_steady_rate():
