@@ -35,10 +35,9 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
            the defaults before session 26)
   quantized the defaults with the 4-bit base dequantized at every use (`--dequantize-base false`: the defaults
            before session 27)
-  padfree  the defaults with padding-free batches asked of unsloth outright (`--padding-free true`; `auto`, the
-           default, lets unsloth choose)
-  padded   the defaults with padded batches (`--padding-free false`): what the runs before session 28 had (from
-           session 15 at least), since unsloth was imported after trl and trl's own SFTTrainer ran, which pads
+  padfree  the defaults with padding-free batches (`--padding-free true`: unsloth's own choice on an H100 or H200,
+           2.1x slower than padded on an H100 in session 28)
+  padded   `--padding-free false`: padded, as the defaults (`auto`) are since session 28
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
