@@ -151,17 +151,6 @@ def asked_backend(argv: list[str]) -> str:
     return str(backend or "auto").lower()
 
 
-def unsloth_will_train(argv: list[str]) -> bool:
-    """--backend auto or unsloth, with unsloth installed and CUDA (what training.train._use_unsloth decides)."""
-    import importlib.util
-
-    if asked_backend(argv) not in ("auto", "unsloth") or importlib.util.find_spec("unsloth") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def import_unsloth_first() -> None:
     """unsloth patches transformers, trl and peft as it is imported: trl's SFTTrainer becomes its UnslothSFTTrainer
     (its own data preparation and batching; 11.6 GiB peak for the epoch's settings on an H100 where trl's took 17.05
@@ -179,7 +168,9 @@ def import_unsloth_first() -> None:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    if unsloth_will_train(args.rest):
+    from training import unsloth_backend
+
+    if unsloth_backend(asked_backend(args.rest)):
         import_unsloth_first()
     from training.train import main
 
@@ -188,7 +179,9 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
-    if unsloth_will_train(args.rest):
+    from training import unsloth_backend
+
+    if unsloth_backend(asked_backend(args.rest)):
         import_unsloth_first()
     from training.sweep import main
 

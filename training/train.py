@@ -266,19 +266,9 @@ def _versions() -> dict[str, str | None]:
 
 
 def _use_unsloth(cfg: TrainConfig) -> bool:
-    import importlib.util
+    from training import unsloth_backend
 
-    import torch
-
-    if cfg.backend == "unsloth":
-        if not torch.cuda.is_available():
-            raise ConfigError("--backend unsloth needs CUDA; use --backend transformers here")
-        return True
-    if cfg.backend == "transformers":
-        return False
-    if cfg.backend != "auto":
-        raise ConfigError(f"--backend must be auto, unsloth or transformers, got {cfg.backend!r}")
-    return torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None
+    return unsloth_backend(cfg.backend)
 
 
 def _load(cfg: TrainConfig, base: str, unsloth: bool):

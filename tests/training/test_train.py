@@ -748,3 +748,16 @@ def test_an_unsloth_worker_imports_unsloth_before_transformers_and_peft(tmp_path
                                                REDIS_URL="redis://127.0.0.1:1/0")
     assert before == []
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend, said", [("unsloth", "--backend unsloth needs CUDA; use --backend transformers here"),
+                                           ("jax", "--backend must be auto, unsloth or transformers, got 'jax'")])
+def test_a_backend_this_box_cannot_train_with_is_one_clear_line_before_anything_loads(tmp_path, backend, said):
+    """The decision `shallow train` takes before trl is imported (whether unsloth goes first) is train()'s own
+    (`training.unsloth_backend`): a backend it cannot use is said at once, not after the data and the model load."""
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", "train", "--backend", backend, "--dataset",
+                           str(tmp_path / "none.jsonl"), "--output-dir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"shallow train: {said}" in proc.stderr
+    assert not (tmp_path / "out").exists()
