@@ -38,6 +38,9 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   padfree  the defaults with padding-free batches (`--padding-free true`: unsloth's own choice on an H100 or H200,
            2.1x slower than padded on an H100 in session 28)
   padded   `--padding-free false`: padded, as the defaults (`auto`) are since session 28
+  passes2  the defaults with each step's batch sorted by length and trained in 2 passes of 4 (`--length-passes 2`):
+           the same conversations and loss a step, each pass padded only to its own longest row
+  passes4  the same in 4 passes of 2 (`--length-passes 4`)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -67,6 +70,7 @@ import tempfile
 from pathlib import Path
 
 from bench.host_probe import measure as measure_host
+from training.length_passes import padded_share
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_SEQUENCES = 8  # 2 x 4: the lab's conversations per optimizer step
@@ -86,7 +90,8 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
 
 
 PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp",
-           "guarded", "waiting", "quantized", "padfree", "padded")
+           "guarded", "waiting", "quantized", "padfree", "padded",
+           "passes2", "passes4")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -131,6 +136,8 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--padding-free", "true"]
     if name == "padded":
         return ["--padding-free", "false"]
+    if name in ("passes2", "passes4"):
+        return ["--length-passes", name[-1]]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 
@@ -210,14 +217,7 @@ def curve_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], grid: 
 def padding_at(lengths: list[int], rows: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
     """A micro batch of `rows` conversations drawn at random, as the Trainer shuffles: its real tokens, its tokens
     padded to its longest row (what a padded batch computes), and the real share (what padding-free batches save)."""
-    rng = random.Random(seed)
-    real = padded = 0
-    for _ in range(draws):
-        batch = [rng.choice(lengths) for _ in range(rows)]
-        real += sum(batch)
-        padded += rows * max(batch)
-    return {"rows": rows, "real_tokens": round(real / draws, 1), "padded_tokens": round(padded / draws, 1),
-            "real_share": round(real / padded, 3)}
+    return padded_share(lengths, rows, 1, draws, seed)
 
 
 def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_tokens: float, index: int = 0) -> dict:
@@ -262,6 +262,7 @@ def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_
         "overlap_steps": record.get("overlap_steps"),  # whether steps overlapped, and how each batch's tokens were counted
         "dequantized_base": record.get("dequantized_base"),  # the base layers kept dequantized, and their size
         "batches": record.get("batches"),  # the collator, and whether its batches were padding-free
+        "length_passes": record.get("length_passes"),  # the steps split into passes by length, and those left whole
         "unsloth_said": [line.strip()[:300] for line in (proc.stdout + proc.stderr).splitlines()
                          if "Unsloth:" in line or "Unsloth should" in line][:30],
         "curve": points,
@@ -326,9 +327,13 @@ def main(argv: list[str]) -> int:
         lengths = conversation_tokens(data, args.base_model)
         mean_tokens = sum(min(n, args.max_seq_length) for n in lengths) / len(lengths)
         print(f"bench train: {len(lengths)} conversations, {mean_tokens:.0f} tokens on average", file=sys.stderr, flush=True)
-        padding = padding_at([min(n, args.max_seq_length) for n in lengths], RECIPE_SEQUENCES)
+        cut = [min(n, args.max_seq_length) for n in lengths]
+        padding = padding_at(cut, RECIPE_SEQUENCES)
+        padding["by_passes"] = {n: padded_share(cut, RECIPE_SEQUENCES, n)["padded_tokens"] for n in (2, 4)}
         print(f"bench train: a batch of {padding['rows']} holds {padding['real_tokens']:,.0f} real tokens, "
-              f"{padding['padded_tokens']:,.0f} padded ({padding['real_share']:.0%} real)", file=sys.stderr, flush=True)
+              f"{padding['padded_tokens']:,.0f} padded ({padding['real_share']:.0%} real); sorted by length in 2 passes "
+              + ", in 4 passes ".join(f"{t:,.0f} ({padding['real_tokens'] / t:.0%} real)" for t in padding["by_passes"].values()),
+              file=sys.stderr, flush=True)
         rows = []
         for index, name in enumerate(names):
             if rows and rows[0]["preset"] == "recipe" and "error" not in rows[0]:  # a conversation's tokens, as trained
