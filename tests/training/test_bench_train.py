@@ -55,6 +55,9 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     # what padded batches of the data compute beyond its real tokens (8 a step, each the length of its longest)
     assert result["padding"]["rows"] == 8 and 0 < result["padding"]["real_share"] <= 1
     assert result["padding"]["real_tokens"] <= result["padding"]["padded_tokens"] and "real)" in proc.stderr
+    # and in passes by length (`--length-passes`): less padded, never less than the real tokens
+    two, four = result["padding"]["by_passes"]["2"], result["padding"]["by_passes"]["4"]
+    assert result["padding"]["real_tokens"] <= four <= two <= result["padding"]["padded_tokens"] and "in 4 passes" in proc.stderr
     # the host the figures were measured on, by bench.host_probe in a process of its own
     import torch
 
