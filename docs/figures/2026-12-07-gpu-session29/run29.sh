@@ -2,7 +2,7 @@
 # same 8 conversations and the same loss a step, each pass padded only to its own longest). The epoch's settings
 # (`cpp` preset) for STEPS (200) steps, the rate after SKIP (80), one pass (a), 2 passes (b), 4 passes (c), each its
 # own bench and JSON on one machine; then PROFILE ("tag:shallow train flags", optional: torch.profiler over 5 steady
-# steps), then the GPU tests (TESTS) with the time left.
+# steps), then the GPU tests (TESTS, e.g. tests/gpu/test_length_passes.py) with the time left.
 source .gpu/env.sh
 start=$SECONDS
 out=/tmp/s29; keep=$OUT/s29; mkdir -p $out $keep
