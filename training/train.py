@@ -27,10 +27,10 @@ from typing import Any
 from transformers import ProgressCallback, TrainerCallback
 
 from shared import collector
-from training import length_passes
 from shared.errors import ConfigError, ModelNotFound
 from shared.models import resolve_model
 from shared.settings import LAB_BASE_MODEL, OFFLINE_BASE_MODEL, Settings
+from training import length_passes
 
 logger = logging.getLogger(__name__)
 
