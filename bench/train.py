@@ -9,9 +9,10 @@ seen; linear interpolation between logged steps).
 Presets (`--presets`, in order; the first is the one the others' loss curves are compared with):
   recipe   the lab's settings: micro-batch 2 x accumulation 4 (8 conversations an optimizer step), padded,
            bitsandbytes' 8-bit AdamW, unsloth's gradient checkpointing (activations kept in host memory)
-  default  `shallow train`'s defaults: the same 8 conversations a step in one pass of 8, padding-free
-           with unsloth (the transformers backend pads), torch's fused AdamW, gradient checkpointing by
-           `auto` (off where the longest step fits the GPU without it: on an H200, not on a T4)
+  default  `shallow train`'s defaults: the same 8 conversations a step in one batch of 8, padded (since session
+           28), trained in one pass on CUDA and in 2 passes by length without it (`--length-passes auto`, session
+           29), torch's fused AdamW, gradient checkpointing by `auto` (off where the longest step fits the GPU
+           without it: on an H200, not on a T4)
   gc       the defaults with gradient checkpointing on (checkpoints on the GPU): the defaults before auto
   session4 the defaults of session 4: as default, with the lab's 8-bit AdamW and unsloth's checkpointing
   fused    session4 with torch's fused AdamW (one kernel for all the LoRA tensors, 32-bit states)
@@ -38,8 +39,10 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
   padfree  the defaults with padding-free batches (`--padding-free true`: unsloth's own choice on an H100 or H200,
            2.1x slower than padded on an H100 in session 28)
   padded   `--padding-free false`: padded, as the defaults (`auto`) are since session 28
-  passes2  the defaults with each step's batch sorted by length and trained in 2 passes of 4 (`--length-passes 2`):
-           the same conversations and loss a step, each pass padded only to its own longest row
+  passes2  the defaults with each step's batch sorted by length and trained in 2 passes of 4 (`--length-passes 2`,
+           what `auto` takes without CUDA): the same conversations and loss a step, each pass padded only to its
+           own longest row
+  passes1  `--length-passes 1`: one pass, as `auto` on CUDA
   passes4  the same in 4 passes of 2 (`--length-passes 4`)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
@@ -90,7 +93,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
 
 PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp",
            "guarded", "waiting", "quantized", "padfree", "padded",
-           "passes2", "passes4")
+           "passes1", "passes2", "passes4")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -135,7 +138,7 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--padding-free", "true"]
     if name == "padded":
         return ["--padding-free", "false"]
-    if name in ("passes2", "passes4"):
+    if name in ("passes1", "passes2", "passes4"):
         return ["--length-passes", name[-1]]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 

@@ -25,6 +25,21 @@ from typing import Any
 PLAN = "shallow_length_passes"  # the key a planned batch carries from the collator to the training step
 
 
+AUTO_PASSES_WITHOUT_CUDA = 2  # measured on a 2-core CPU with SmolLM2 (session 29); 4 gained nothing there
+AUTO_MIN_ROWS = 4  # rows of a micro-batch for `auto` to split it: passes of 2 rows or more
+
+
+def resolve(cfg, cuda: bool) -> int:
+    """The passes a step of this run takes: `--length-passes` as given, or `auto`'s choice: 2 without CUDA where the
+    micro-batch has 4 rows or more and is padded (not packed), else 1. On CUDA `auto` is 1: not measured there yet."""
+    asked = str(cfg.length_passes).lower()
+    if asked != "auto":
+        return int(asked)
+    if cuda or cfg.packing or cfg.per_device_train_batch_size < AUTO_MIN_ROWS:
+        return 1
+    return AUTO_PASSES_WITHOUT_CUDA
+
+
 def plan_passes(batch: Mapping, passes: int) -> tuple[dict, list[tuple[int, int, int]] | str]:
     """The batch with its rows sorted by length (shortest first), and each pass's (first row, row after, width); or
     the batch as it was and why it stays one pass."""

@@ -111,12 +111,12 @@ def test_the_share_of_real_tokens_grows_with_passes():
 
 
 def test_length_passes_train_the_same_steps_as_one_pass_and_evaluate_the_same(model_dir, tmp_path):
-    """On SmolLM2 (trl's trainer, padded batches): 8 conversations of very different lengths a step, in 1, 2 and 3
-    passes (3 + 3 + 2 rows), with a validation split evaluated each epoch. The same tokens, and the same loss and
+    """On SmolLM2 (trl's trainer, padded batches): 8 conversations of very different lengths a step, in 1 and 3
+    passes (3 + 3 + 2 rows: uneven), with a validation split evaluated each epoch. The same tokens, and the same loss and
     gradient norm at every step: each pass's loss is its share of the step's one count of target tokens."""
     data = write_varied(tmp_path / "varied.jsonl")
     runs = {}
-    for passes in (1, 2, 3):
+    for passes in (1, 3):
         out = tmp_path / f"run-{passes}"
         proc = run_train(["train", "--base-model", model_dir, "--dataset", str(data), "--output-dir", str(out),
                           "--num-train-epochs", "1", "--save-steps", "100", "--max-seq-length", "192",
@@ -137,24 +137,30 @@ def test_length_passes_train_the_same_steps_as_one_pass_and_evaluate_the_same(mo
         return [round(h["eval_loss"], 4) for h in history if "eval_loss" in h]
 
     assert len(losses(one_history)) == steps and len(evals(one_history)) == 1
-    for passes in (2, 3):
-        record, history = runs[passes]
-        assert record["config"]["length_passes"] == passes
-        assert record["length_passes"] == {"asked": passes, "steps_split": steps, "passes": passes * steps, "one_pass": {}}
-        assert record["train_tokens"] == one["train_tokens"]
-        assert losses(history) == losses(one_history), passes
-        assert evals(history) == evals(one_history), passes
+    record, history = runs[3]
+    assert record["config"]["length_passes"] == "3" and one["config"]["length_passes"] == "1"
+    assert record["length_passes"] == {"asked": 3, "steps_split": steps, "passes": 3 * steps, "one_pass": {}}
+    assert record["train_tokens"] == one["train_tokens"]
+    assert losses(history) == losses(one_history)
+    assert evals(history) == evals(one_history)
 
 
-def test_length_passes_must_be_a_whole_number_of_one_or_more(tmp_path, capsys):
+def test_length_passes_is_auto_or_a_whole_number_and_auto_splits_only_padded_batches_without_cuda(tmp_path):
+    from training.length_passes import resolve
     from training.train import parse_config
 
-    assert parse_config([]).length_passes == 1
-    assert parse_config(["--length-passes", "4"]).length_passes == 4
-    with pytest.raises(ConfigError, match="--length-passes must be a whole number, 1 or more, not 0"):
-        parse_config(["--length-passes", "0"])
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("length_passes: two\n")
-    with pytest.raises(SystemExit):  # argparse's own line, as for any number flag
-        parse_config(["--config", str(bad)])
-    assert "--length-passes: invalid int value: 'two'" in capsys.readouterr().err
+    cfg = parse_config([])
+    assert cfg.length_passes == "auto"
+    assert resolve(cfg, cuda=False) == 2 and resolve(cfg, cuda=True) == 1  # CUDA: not measured yet
+    assert resolve(parse_config(["--per-device-train-batch-size", "2"]), cuda=False) == 1  # the recipe's 2 x 4
+    assert resolve(parse_config(["--packing"]), cuda=False) == 1  # packed rows: no padding to save
+    assert resolve(parse_config(["--length-passes", "4"]), cuda=True) == 4
+    yaml = tmp_path / "passes.yaml"
+    yaml.write_text("length_passes: 3\n")
+    assert resolve(parse_config(["--config", str(yaml)]), cuda=True) == 3
+    for bad in ("0", "two", "-1", "1.5"):
+        with pytest.raises(ConfigError, match=f"--length-passes must be auto or a whole number, 1 or more, not '{bad}'"):
+            parse_config(["--length-passes", bad])
+    yaml.write_text("length_passes: true\n")
+    with pytest.raises(ConfigError, match="--length-passes must be auto or a whole number"):
+        parse_config(["--config", str(yaml)])
