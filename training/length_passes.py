@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 PLAN = "shallow_length_passes"  # the key a planned batch carries from the collator to the training step
-
 
 AUTO_PASSES_WITHOUT_CUDA = 2  # measured on a 2-core CPU with SmolLM2 (session 29); 4 gained nothing there
 AUTO_MIN_ROWS = 4  # rows of a micro-batch for `auto` to split it: passes of 2 rows or more
@@ -64,7 +63,7 @@ def plan_passes(batch: Mapping, passes: int) -> tuple[dict, list[tuple[int, int,
     sorted_batch = {k: v.index_select(0, order) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows
                     else v for k, v in batch.items()}
     per = math.ceil(rows / passes)
-    plan = [(start, min(start + per, rows), int(lengths[min(start + per, rows) - 1])) for start in range(0, rows, per)]
+    plan = [(start, min(start + per, rows), max(1, int(lengths[min(start + per, rows) - 1]))) for start in range(0, rows, per)]
     return sorted_batch, plan
 
 
@@ -121,7 +120,7 @@ def install(trainer, passes: int) -> dict[str, Any]:
         return step(model, inputs, num_items_in_batch, *args, **kwargs)
 
     def training_step(model, inputs, num_items_in_batch=None, *args, **kwargs):
-        plan = inputs.pop(PLAN, "not planned") if isinstance(inputs, dict) else "not planned"
+        plan = inputs.pop(PLAN, "not planned") if isinstance(inputs, MutableMapping) else "not planned"
         if isinstance(plan, str):
             return one_pass(plan, model, inputs, num_items_in_batch, *args, **kwargs)
         if num_items_in_batch is None:  # each pass's loss would be its own mean, not its share of the step's
