@@ -125,8 +125,6 @@ def install(trainer, passes: int) -> dict[str, Any]:
             return one_pass(plan, model, inputs, num_items_in_batch, *args, **kwargs)
         if num_items_in_batch is None:  # each pass's loss would be its own mean, not its share of the step's
             return one_pass("no count of the step's target tokens", model, inputs, num_items_in_batch, *args, **kwargs)
-        if len(plan) == 1:
-            return one_pass("one row", model, inputs, num_items_in_batch, *args, **kwargs)
         accelerator = getattr(trainer, "accelerator", None)
         total = None
         for i, (start, stop, width) in enumerate(plan):
