@@ -99,8 +99,9 @@ def cut(batch: Mapping, start: int, stop: int, width: int) -> dict:
 
 def install(trainer, passes: int) -> dict[str, Any]:
     """Make `trainer` train each step's batch in up to `passes` passes by length; returns the record for run.json
-    (steps split, passes run, and the steps left whole with why), filled in as it trains."""
-    record: dict[str, Any] = {"asked": passes, "steps_split": 0, "passes": 0, "one_pass": {}}
+    (micro-batches split, passes run, and the micro-batches left whole with why: a step of the defaults is one
+    micro-batch), filled in as it trains."""
+    record: dict[str, Any] = {"asked": passes, "batches_split": 0, "passes": 0, "one_pass": {}}
     if passes <= 1:
         return record
     make_loader = trainer.get_train_dataloader
@@ -132,7 +133,7 @@ def install(trainer, passes: int) -> dict[str, Any]:
             with contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(model):
                 loss = step(model, cut(inputs, start, stop, width), num_items_in_batch, *args, **kwargs)
             total = loss if total is None else total + loss
-        record["steps_split"] += 1
+        record["batches_split"] += 1
         record["passes"] += len(plan)
         return total
 

@@ -36,7 +36,7 @@ def test_unsloth_steps_in_passes_by_length_train_as_one_pass(llama_dir, tmp_path
         print(passes, "pass(es):", record["length_passes"], record["batches"], record["tokens_per_second"], runs[passes][1])
     (one, one_losses), (two, two_losses) = runs[1], runs[2]
     assert one["backend"] == two["backend"] == "unsloth" and two["batches"]["trainer"].endswith(".UnslothSFTTrainer")
-    assert two["length_passes"] == {"asked": 2, "steps_split": 8, "passes": 16, "one_pass": {}}
+    assert two["length_passes"] == {"asked": 2, "batches_split": 8, "passes": 16, "one_pass": {}}
     assert [s[:2] for s in two_losses] == [s[:2] for s in one_losses] and len(one_losses) == 8  # the same tokens
     # the same steps in bf16: only the order of the sums differs
     for (_, _, a), (_, _, b) in zip(one_losses, two_losses):

@@ -53,7 +53,7 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     assert default["batches"]["collator"].endswith("DataCollatorForLanguageModeling") and default["batches"]["padding_free"] is False
     # --length-passes auto: without CUDA each step of 8 padded rows in 2 passes by length (the same loss: above);
     # the recipe's micro-batches of 2 in one pass each, and packed rows have no padding to save
-    assert default["length_passes"] == {"asked": 2, "steps_split": 4, "passes": 8, "one_pass": {}}
+    assert default["length_passes"] == {"asked": 2, "batches_split": 4, "passes": 8, "one_pass": {}}
     assert recipe["length_passes"]["asked"] == packed["length_passes"]["asked"] == 1
     assert "| guards skipped |" in proc.stdout
     # what padded batches of the data compute beyond its real tokens (8 a step, each the length of its longest)

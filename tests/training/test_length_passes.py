@@ -97,9 +97,9 @@ def test_only_the_training_loader_gets_the_planning_collator_and_a_step_without_
     assert trainer.training_step(None, collate([]), num_items_in_batch=None) is not None
     assert calls[-1] == ((4, 4), None)  # without the step's count, each pass would be its own mean: one pass
     trainer.training_step(None, own([]), num_items_in_batch=7)  # a batch the planning collator never saw
-    assert record == {"asked": 2, "steps_split": 1, "passes": 2,
+    assert record == {"asked": 2, "batches_split": 1, "passes": 2,
                       "one_pass": {"no count of the step's target tokens": 1, "not planned": 1}}
-    assert install(Trainer(), 1) == {"asked": 1, "steps_split": 0, "passes": 0, "one_pass": {}}
+    assert install(Trainer(), 1) == {"asked": 1, "batches_split": 0, "passes": 0, "one_pass": {}}
 
 
 def test_the_share_of_real_tokens_grows_with_passes():
@@ -127,7 +127,7 @@ def test_length_passes_train_the_same_steps_as_one_pass_and_evaluate_the_same(mo
     one, one_history = runs[1]
     steps = one["global_step"]
     assert steps == 4  # 32 training conversations, 8 a step
-    assert one["length_passes"] == {"asked": 1, "steps_split": 0, "passes": 0, "one_pass": {}}
+    assert one["length_passes"] == {"asked": 1, "batches_split": 0, "passes": 0, "one_pass": {}}
 
     def losses(history):
         return [(h["step"], h["num_input_tokens_seen"], round(h["loss"], 4), round(h["grad_norm"], 3))
@@ -139,7 +139,7 @@ def test_length_passes_train_the_same_steps_as_one_pass_and_evaluate_the_same(mo
     assert len(losses(one_history)) == steps and len(evals(one_history)) == 1
     record, history = runs[3]
     assert record["config"]["length_passes"] == "3" and one["config"]["length_passes"] == "1"
-    assert record["length_passes"] == {"asked": 3, "steps_split": steps, "passes": 3 * steps, "one_pass": {}}
+    assert record["length_passes"] == {"asked": 3, "batches_split": steps, "passes": 3 * steps, "one_pass": {}}
     assert record["train_tokens"] == one["train_tokens"]
     assert losses(history) == losses(one_history)
     assert evals(history) == evals(one_history)
