@@ -216,12 +216,6 @@ def curve_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], grid: 
             "final_gap": round(abs(a[-1][1] - b[-1][1]), 4), "from_share": round(start, 3)}
 
 
-def padding_at(lengths: list[int], rows: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
-    """A micro batch of `rows` conversations drawn at random, as the Trainer shuffles: its real tokens, its tokens
-    padded to its longest row (what a padded batch computes), and the real share (what padding-free batches save)."""
-    return padded_share(lengths, rows, 1, draws, seed)
-
-
 def run_preset(name: str, args: argparse.Namespace, data: Path, out: Path, mean_tokens: float, index: int = 0) -> dict:
     run_dir = out / f"{index}-{name}"
     cmd = [sys.executable, "-m", "shared.cli", "train", "--base-model", args.base_model, "--dataset", str(data),
@@ -330,7 +324,7 @@ def main(argv: list[str]) -> int:
         mean_tokens = sum(min(n, args.max_seq_length) for n in lengths) / len(lengths)
         print(f"bench train: {len(lengths)} conversations, {mean_tokens:.0f} tokens on average", file=sys.stderr, flush=True)
         cut = [min(n, args.max_seq_length) for n in lengths]
-        padding = padding_at(cut, RECIPE_SEQUENCES)
+        padding = padded_share(cut, RECIPE_SEQUENCES, 1)  # batches as the Trainer draws them, in one pass
         padding["by_passes"] = {n: padded_share(cut, RECIPE_SEQUENCES, n)["padded_tokens"] for n in (2, 4)}
         print(f"bench train: a batch of {padding['rows']} holds {padding['real_tokens']:,.0f} real tokens, "
               f"{padding['padded_tokens']:,.0f} padded ({padding['real_share']:.0%} real); sorted by length in 2 passes "

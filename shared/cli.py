@@ -118,9 +118,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         from bench.train import main as train_main
 
         return train_main(args.rest[1:])
-    if settings.backend == "unsloth" and "--direct" in args.rest:  # the model is loaded in this process
-        import_unsloth_first()
-    from bench.serve import main
+    from bench.serve import main  # --direct with SHALLOW_BACKEND=unsloth: the backend imports unsloth before trl,
+    # transformers and peft are (tests/training/test_train.py::test_shallow_bench_direct_imports_unsloth_first...)
 
     return main(args.rest, settings)
 

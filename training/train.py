@@ -30,7 +30,7 @@ from shared import collector
 from shared.errors import ConfigError, ModelNotFound
 from shared.models import resolve_model
 from shared.settings import LAB_BASE_MODEL, OFFLINE_BASE_MODEL, Settings
-from training import length_passes
+from training import length_passes, unsloth_backend
 
 logger = logging.getLogger(__name__)
 
@@ -282,12 +282,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _use_unsloth(cfg: TrainConfig) -> bool:
-    from training import unsloth_backend
-
-    return unsloth_backend(cfg.backend)
-
-
 def _load(cfg: TrainConfig, base: str, unsloth: bool):
     """(model with LoRA, tokenizer, peft_config or None, backend name)."""
     if unsloth:
@@ -349,7 +343,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_env()
     base = resolve_model(cfg.base_model, settings.cache_dir, "base model")
-    unsloth = _use_unsloth(cfg)
+    unsloth = unsloth_backend(cfg.backend)
     cap_gpu_memory(cfg)
     cfg.gradient_checkpointing = resolve_checkpointing(cfg, base)  # recorded as chosen in run.json's config
 

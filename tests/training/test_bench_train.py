@@ -92,16 +92,6 @@ def test_presets_join_with_plus_and_an_unknown_one_is_refused_before_anything_ru
     assert not (tmp_path / "runs" / "0-default").exists()  # nothing trained
 
 
-def test_the_padding_of_random_batches_is_what_their_longest_rows_add():
-    from bench.train import padding_at
-
-    assert padding_at([300] * 5, 8)["real_share"] == 1.0  # all of one length: nothing padded
-    # rows of 100 and 300, two a batch: a quarter are 100+100, half 100+300 (600 computed), a quarter 300+300
-    mixed = padding_at([100, 300], 2, draws=20000)
-    assert mixed["rows"] == 2 and abs(mixed["real_tokens"] - 400) < 8 and abs(mixed["padded_tokens"] - 500) < 8
-    assert abs(mixed["real_share"] - 0.8) < 0.01
-
-
 def test_step_spread_tells_stalls_from_the_steady_rate():
     """The median step's rate ignores a few stalled steps; the stalls are counted with the time they cost."""
     from bench.train import step_spread, step_times

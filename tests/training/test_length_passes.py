@@ -103,6 +103,11 @@ def test_only_the_training_loader_gets_the_planning_collator_and_a_step_without_
 
 
 def test_the_share_of_real_tokens_grows_with_passes():
+    # rows of 100 and 300, two a batch: a quarter are 100+100, half 100+300 (600 computed), a quarter 300+300
+    mixed = padded_share([100, 300], 2, 1, draws=20000)
+    assert mixed["rows"] == 2 and abs(mixed["real_tokens"] - 400) < 8 and abs(mixed["padded_tokens"] - 500) < 8
+    assert abs(mixed["real_share"] - 0.8) < 0.01
+    assert padded_share([100, 300], 2, 2, draws=2000)["real_share"] == 1.0  # a pass a row: nothing padded
     lengths = list(range(100, 1500, 7))
     one, two, four = (padded_share(lengths, 8, n) for n in (1, 2, 4))
     assert one["real_tokens"] == two["real_tokens"] == four["real_tokens"]  # the same batches drawn

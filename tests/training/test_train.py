@@ -732,7 +732,7 @@ def run_with_a_stand_in_unsloth(tmp_path: Path, argv: list[str], **env: str) -> 
 @pytest.mark.parametrize("flags, imported", [([], True), (["--backend", "transformers"], False)])
 def test_shallow_train_imports_unsloth_before_trl_transformers_and_peft_where_unsloth_will_train(
         tmp_path, flags, imported):
-    """unsloth replaces trl's SFTTrainer by its own (padding-free batches, its data preparation) only if it is imported
+    """unsloth replaces trl's SFTTrainer by its own (its batching, its data preparation) only if it is imported
     first: the runs until session 28 trained with trl's own, padded. This CPU box has neither unsloth nor CUDA (a
     stand-in, and CUDA said to be there); `--help` stops `shallow train` once training.train is loaded."""
     proc, before = run_with_a_stand_in_unsloth(tmp_path, ["train", *flags, "--help"])
@@ -748,6 +748,18 @@ def test_an_unsloth_worker_imports_unsloth_before_transformers_and_peft(tmp_path
                                                REDIS_URL="redis://127.0.0.1:1/0")
     assert before == []
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, imported", [(["bench", "--direct", "--channels", "1"], True), (["bench", "--channels", "1"], False)])
+def test_shallow_bench_direct_imports_unsloth_first_where_it_loads_an_unsloth_model(tmp_path, argv, imported):
+    """`shallow bench --direct` with SHALLOW_BACKEND=unsloth loads the model in its own process: unsloth first (the
+    bench imports none of trl, transformers and peft before the backend loads; session 28 had the CLI import unsloth
+    first as well, which this showed to be needless). Without --direct the model is the workers' and the bench imports
+    nothing of it. (The stand-in then fails to load a model; what matters is the order it saw.) No Redis is at
+    REDIS_URL, so the run through workers stops at once."""
+    proc, before = run_with_a_stand_in_unsloth(tmp_path, argv, SHALLOW_BACKEND="unsloth",
+                                               REDIS_URL="redis://127.0.0.1:1/0")
+    assert before == ([] if imported else None), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("backend, said", [("unsloth", "--backend unsloth needs CUDA; use --backend transformers here"),
