@@ -1,3 +1,4 @@
+# ran in session 30 as `TESTS=tests/gpu/test_length_passes.py LIMIT=570 bash docs/figures/2026-12-07-gpu-session29/run29.sh` on an H100 (no H200 came): a and b finished, c (4 passes) ran out of time; the test was not reached
 # session 29, issue 9: each step's padded batch sorted by length and trained in N passes (`--length-passes N`: the
 # same 8 conversations and the same loss a step, each pass padded only to its own longest). The epoch's settings
 # (`cpp` preset) for STEPS (200) steps, the rate after SKIP (80), one pass (a), 2 passes (b), 4 passes (c), each its

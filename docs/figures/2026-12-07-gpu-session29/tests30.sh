@@ -1,0 +1,3 @@
+# session 30, call 2 (right after run29.sh on the same warm H100): the two GPU tests not yet run, the length-passes
+# test (unsloth's trainer, 1 vs 2 passes) and session 28's padded unsloth training test. Output: gpu-tests.txt
+source .gpu/env.sh; out=/tmp/s29t; mkdir -p $out $OUT/s29; source bench/gpu_models.sh; SHALLOW_TEST_LLAMA_DIR=$base timeout 480 python -m pytest -o addopts="" -p no:cacheprovider -p no:valkey -q -s tests/gpu/test_length_passes.py tests/gpu/test_unsloth_train.py > $OUT/s29/gpu-tests.txt 2>&1; echo rc=$?; grep -E "passed|failed|Error|loss|split" $OUT/s29/gpu-tests.txt | tail -30
