@@ -44,6 +44,10 @@ Presets (`--presets`, in order; the first is the one the others' loss curves are
            own longest row
   passes1  `--length-passes 1`: one pass, as `auto` on CUDA
   passes4  the same in 4 passes of 2 (`--length-passes 4`)
+  pad256   the defaults with each batch's rows padded to a multiple of 256 tokens (`--pad-to-multiple-of 256`): the
+           padding `graphs` computes, without the graphs
+  graphs   the defaults with each compiled decoder block replayed as a CUDA graph (`--block-cuda-graphs true`: rows
+           padded to a multiple of --max-seq-length / 8, 256 for 2,048)
 Presets join with "+": `sixteen+nogc` is 16 conversations a step without checkpointing. A preset named twice
 runs twice (the second finds the first's compiled kernels).
 
@@ -93,7 +97,7 @@ def conversation_tokens(data: Path, base: str) -> list[int]:
 
 PRESETS = ("recipe", "default", "session4", "fused", "gpuckpt", "nogc", "packed", "big", "sixteen", "workers", "gc", "nofreeze", "cpp",
            "guarded", "waiting", "quantized", "padfree", "padded",
-           "passes1", "passes2", "passes4")
+           "passes1", "passes2", "passes4", "pad256", "graphs")
 
 
 def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
@@ -140,6 +144,10 @@ def preset_args(name: str, max_len: int, mean_tokens: float) -> list[str]:
         return ["--padding-free", "false"]
     if name in ("passes1", "passes2", "passes4"):
         return ["--length-passes", name[-1]]
+    if name == "pad256":
+        return ["--pad-to-multiple-of", "256"]
+    if name == "graphs":
+        return ["--block-cuda-graphs", "true"]
     raise SystemExit(f"shallow bench train: unknown preset {name!r} ({', '.join(PRESETS)})")
 
 

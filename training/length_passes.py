@@ -40,9 +40,10 @@ def resolve(cfg, cuda: bool) -> int:
     return AUTO_PASSES_WITHOUT_CUDA
 
 
-def plan_passes(batch: Mapping, passes: int) -> tuple[dict, list[tuple[int, int, int]] | str]:
-    """The batch with its rows sorted by length (shortest first), and each pass's (first row, row after, width); or
-    the batch as it was and why it stays one pass."""
+def plan_passes(batch: Mapping, passes: int, multiple: int | None = None) -> tuple[dict, list[tuple[int, int, int]] | str]:
+    """The batch with its rows sorted by length (shortest first), and each pass's (first row, row after, width: its
+    longest row, rounded up to `multiple` where the rows are padded to one); or the batch as it was and why it stays
+    one pass."""
     import torch
 
     if passes <= 1:
@@ -64,7 +65,10 @@ def plan_passes(batch: Mapping, passes: int) -> tuple[dict, list[tuple[int, int,
     sorted_batch = {k: v.index_select(0, order) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows
                     else v for k, v in batch.items()}
     per = math.ceil(rows / passes)
-    plan = [(start, min(start + per, rows), max(1, int(lengths[min(start + per, rows) - 1]))) for start in range(0, rows, per)]
+    def fit(longest: int) -> int:
+        return min(width, -(-longest // multiple) * multiple) if multiple else longest
+
+    plan = [(start, min(start + per, rows), max(1, fit(int(lengths[min(start + per, rows) - 1])))) for start in range(0, rows, per)]
     return sorted_batch, plan
 
 
@@ -72,11 +76,11 @@ class PlannedCollator:
     """The training loader's collator: the inner collator's batch, sorted and planned (module-level, so that a
     DataLoader worker process can take it)."""
 
-    def __init__(self, collator, passes: int) -> None:
-        self.collator, self.passes = collator, passes
+    def __init__(self, collator, passes: int, multiple: int | None = None) -> None:
+        self.collator, self.passes, self.multiple = collator, passes, multiple
 
     def __call__(self, features):
-        batch, plan = plan_passes(self.collator(features), self.passes)
+        batch, plan = plan_passes(self.collator(features), self.passes, self.multiple)
         batch = dict(batch)
         batch[PLAN] = plan
         return batch
@@ -109,7 +113,8 @@ def install(trainer, passes: int) -> dict[str, Any]:
 
     def get_train_dataloader(*args, **kwargs):
         collator = trainer.data_collator
-        trainer.data_collator = PlannedCollator(collator, passes)  # the Trainer reads it as it builds the loader
+        multiple = getattr(getattr(trainer, "args", None), "pad_to_multiple_of", None)  # the passes keep to the rows' widths
+        trainer.data_collator = PlannedCollator(collator, passes, multiple)  # the Trainer reads it as it builds the loader
         try:
             return make_loader(*args, **kwargs)
         finally:

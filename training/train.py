@@ -71,6 +71,8 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 # --cpp-wrapper auto: on from this many optimizer steps in the run. Its compile cost 40-87 s more at the start; it
 # saved 14-43 ms a step (H200, the defaults; docs/training.md, sessions 15-16): repaid after ~2,000-4,600 steps, cold.
 CPP_WRAPPER_MIN_STEPS = 5000
+# --block-cuda-graphs: the row widths a run's batches take (unsloth records a block's graphs for up to 8 shapes)
+BLOCK_GRAPH_WIDTHS = 8
 
 
 SWITCH = ("auto", "true", "false")  # a flag that `auto` resolves per run, or that is forced on or off
@@ -152,6 +154,16 @@ class TrainConfig:
                     "same losses), else 1 (on an H100, session 30: 2 passes ran 26,091 tokens/s against one "
                     "pass's 32,984, with 39%% less peak memory and the same losses); or a number. run.json's "
                     "`length_passes` says how the steps ran"})
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={
+            "help": "pad each batch's rows to a multiple of N tokens: more padding computed, fewer batch shapes (what "
+                    "--block-cuda-graphs needs), the same loss. Default: none, or what --block-cuda-graphs picks"})
+    block_cuda_graphs: str = switch(
+        "unsloth, CUDA: replay each compiled decoder block as a CUDA graph (unsloth's UNSLOTH_BLOCK_CUDAGRAPHS), so "
+        "the host launches one graph a block and pass instead of its kernels one by one. A graph is recorded for "
+        "each batch shape, so the rows are padded to a multiple (--pad-to-multiple-of, else --max-seq-length / "
+        f"{BLOCK_GRAPH_WIDTHS} rounded up to 64: {BLOCK_GRAPH_WIDTHS} widths). Not measured on a GPU yet: 'auto' "
+        "(default) is off; 'true' or 'false'")
     gradient_checkpointing: str = field(
         default="auto", metadata={
             "help": "recompute activations in the backward pass (less memory, more compute, the same results): 'auto' "
@@ -223,6 +235,9 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, prog: s
         if isinstance(passes, bool) or not (text == "auto" or (text.isdigit() and int(text) >= 1)):
             raise ConfigError(f"--length-passes must be auto or a whole number, 1 or more, not {passes!r}")
         cfg.length_passes = text
+    multiple = getattr(cfg, "pad_to_multiple_of", None)
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+        raise ConfigError(f"--pad-to-multiple-of must be a whole number, 1 or more, not {multiple!r}")
     return cfg
 
 
@@ -368,6 +383,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     done_steps = checkpoint_step(resume_from) if resume_from else 0
     steps_to_take = planned_steps(cfg, len(data)) - done_steps  # this process's share of the run
     cfg.cpp_wrapper = "true" if use_cpp_wrapper(cfg, torch.cuda.is_available(), steps_to_take) else "false"
+    graphs = block_graphs(cfg, torch.cuda.is_available(), unsloth)  # before unsloth compiles the blocks (_load)
+    cfg.block_cuda_graphs = "true" if graphs else "false"  # as resolved, in run.json's config
+    if graphs:
+        cfg.pad_to_multiple_of = use_block_graphs(graphs, cfg.max_seq_length)
 
     from transformers import set_seed
 
@@ -520,6 +539,7 @@ def sft_config(cfg: TrainConfig, out: Path, *, unsloth: bool, cuda: bool, evalua
         fp16=cuda and not torch.cuda.is_bf16_supported(),
         use_cpu=not cuda,
         max_length=cfg.max_seq_length,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
         assistant_only_loss=not unsloth,
         dataset_text_field="text",
         # padding-free batches have no padding and no attention mask, and "non_padding" would then skip every
@@ -1115,6 +1135,34 @@ def use_cpp_wrapper(cfg: TrainConfig, cuda: bool, steps: int | None = None) -> b
     why = f" ({steps:,} steps: --cpp-wrapper auto)" if mode == "auto" else ""
     print(f"shallow train: compiled graphs with C++ wrappers{why}; the first steps compile them", flush=True)
     return True
+
+
+def block_graphs(cfg: TrainConfig, cuda: bool, unsloth: bool) -> int | None:
+    """--block-cuda-graphs as this run resolves it: the multiple its rows are padded to when on (the graphs need
+    few batch shapes), None when off. `auto` is off: not measured on a GPU yet. Only unsloth's compiled blocks
+    (CUDA) have graphs to record: `true` without them says so."""
+    if not switched_on(cfg.block_cuda_graphs, auto=False):
+        return None
+    if not (cuda and unsloth):
+        print("shallow train: --block-cuda-graphs has no effect without unsloth on CUDA (nothing is compiled)", flush=True)
+        return None
+    return cfg.pad_to_multiple_of or 64 * math.ceil(cfg.max_seq_length / BLOCK_GRAPH_WIDTHS / 64)
+
+
+def use_block_graphs(multiple: int, max_seq_length: int) -> int:
+    """Turn unsloth's per-block CUDA graphs on (before it compiles the blocks: the model's load), allowing as many
+    shapes as the padded widths, plus one for an epoch's last, smaller batch (past its cap unsloth turns a layer
+    kind's graphs off). Returns the pad multiple."""
+    shapes = math.ceil(max_seq_length / multiple) + 1
+    os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] = "1"
+    os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"] = str(shapes)
+    blocks = sys.modules.get("unsloth.models._block_compile")
+    if blocks is not None:  # imported already: its settings were read from the environment then
+        blocks._COMPILE_OPTIONS["triton.cudagraphs"] = True
+        blocks._CUDAGRAPH_MAX_SHAPES = shapes
+    print(f"shallow train: each compiled block replayed as a CUDA graph, rows padded to a multiple of {multiple} "
+          f"tokens (up to {shapes} shapes); the first steps record the graphs", flush=True)
+    return multiple
 
 
 def gpu_budget(cfg: TrainConfig) -> int:

@@ -52,6 +52,9 @@ def test_a_right_padded_batch_is_sorted_by_length_and_each_pass_cut_to_its_longe
     assert sum(p["input_ids"].numel() for p in passes) == 33 < batch["input_ids"].numel() == 45  # less padding computed
     # more passes than rows: a pass a row
     assert plan_passes(right_padded([4, 1], 4), 8)[1] == [(0, 1, 1), (1, 2, 4)]
+    # rows padded to a multiple (--pad-to-multiple-of): each pass's width too, within the batch's own
+    assert plan_passes(right_padded([5, 2, 9, 3, 7], 16), 2, multiple=4)[1] == [(0, 3, 8), (3, 5, 12)]
+    assert plan_passes(right_padded([5, 9], 10), 2, multiple=8)[1] == [(0, 1, 8), (1, 2, 10)]
 
 
 @pytest.mark.parametrize("batch, why", [
@@ -116,9 +119,10 @@ def test_the_share_of_real_tokens_grows_with_passes():
 
 
 def test_length_passes_train_the_same_steps_as_one_pass_and_evaluate_the_same(model_dir, tmp_path):
-    """On SmolLM2 (trl's trainer, padded batches): 8 conversations of very different lengths a step, in 1 and 3
-    passes (3 + 3 + 2 rows: uneven), with a validation split evaluated each epoch. The same tokens, and the same loss and
-    gradient norm at every step: each pass's loss is its share of the step's one count of target tokens."""
+    """On SmolLM2 (trl's trainer, padded batches): 8 conversations of very different lengths a step, in 1 pass, and in
+    3 passes (3 + 3 + 2 rows: uneven) with the rows padded to a multiple of 64 tokens, with a validation split
+    evaluated each epoch. The same tokens, and the same loss and gradient norm at every step: each pass's loss is its
+    share of the step's one count of target tokens, and padding is masked out."""
     data = write_varied(tmp_path / "varied.jsonl")
     runs = {}
     for passes in (1, 3):
@@ -126,7 +130,7 @@ def test_length_passes_train_the_same_steps_as_one_pass_and_evaluate_the_same(mo
         proc = run_train(["train", "--base-model", model_dir, "--dataset", str(data), "--output-dir", str(out),
                           "--num-train-epochs", "1", "--save-steps", "100", "--max-seq-length", "192",
                           "--warmup-steps", "1", "--learning-rate", "1e-3", "--eval-fraction", "0.2",
-                          "--length-passes", str(passes)], tmp_path)
+                          "--length-passes", str(passes)] + (["--pad-to-multiple-of", "64"] if passes > 1 else []), tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[passes] = json.loads((out / "run.json").read_text()), json.loads((out / "history.json").read_text())
     one, one_history = runs[1]
@@ -145,6 +149,8 @@ def test_length_passes_train_the_same_steps_as_one_pass_and_evaluate_the_same(mo
     record, history = runs[3]
     assert record["config"]["length_passes"] == "3" and one["config"]["length_passes"] == "1"
     assert record["length_passes"] == {"asked": 3, "batches_split": steps, "passes": 3 * steps, "one_pass": {}}
+    assert record["config"]["pad_to_multiple_of"] == 64 and one["config"]["pad_to_multiple_of"] is None
+    assert record["batches"]["pad_to_multiple_of"] == 64 and one["batches"]["pad_to_multiple_of"] is None  # trl's collator
     assert record["train_tokens"] == one["train_tokens"]
     assert losses(history) == losses(one_history)
     assert evals(history) == evals(one_history)

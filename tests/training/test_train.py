@@ -565,6 +565,50 @@ def test_cpp_wrapper_makes_the_compiled_graphs_launch_from_cpp_and_says_when_it_
     assert done.stdout.splitlines()[-2:] == ["on", "CPP"], done.stdout
 
 
+def test_block_cuda_graphs_pad_the_rows_to_few_widths_and_turn_unsloths_graphs_on(tmp_path, capsys, monkeypatch):
+    """--block-cuda-graphs: off by default; without unsloth on CUDA it says it does nothing. On, it pads the rows to
+    a multiple (given, or --max-seq-length / 8 rounded up to 64) and turns unsloth's per-block graphs on with a shape
+    cap of the widths plus one, through the environment (read when unsloth's module is imported) and, where that
+    module is imported already, in the module itself (a stand-in here: no unsloth on this CPU)."""
+    import types
+
+    from training.train import BLOCK_GRAPH_WIDTHS, block_graphs, parse_config, use_block_graphs
+
+    assert parse_config([]).block_cuda_graphs == "auto" and parse_config([]).pad_to_multiple_of is None
+    assert block_graphs(parse_config([]), cuda=True, unsloth=True) is None  # auto: off, not measured yet
+    assert capsys.readouterr().out == ""
+    assert block_graphs(parse_config(["--block-cuda-graphs", "true"]), cuda=False, unsloth=False) is None
+    assert "--block-cuda-graphs has no effect without unsloth on CUDA" in capsys.readouterr().out
+    on = ["--block-cuda-graphs", "true"]
+    assert BLOCK_GRAPH_WIDTHS == 8
+    assert block_graphs(parse_config(on), cuda=True, unsloth=True) == 256  # 2,048 / 8
+    assert block_graphs(parse_config(on + ["--max-seq-length", "1000"]), cuda=True, unsloth=True) == 128  # 125 -> 128
+    assert block_graphs(parse_config(on + ["--pad-to-multiple-of", "512"]), cuda=True, unsloth=True) == 512
+    assert block_graphs(parse_config(["--block-cuda-graphs", "false"]), cuda=True, unsloth=True) is None
+
+    monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS", raising=False)
+    monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES", raising=False)
+    monkeypatch.delitem(sys.modules, "unsloth.models._block_compile", raising=False)
+    assert use_block_graphs(256, 2048) == 256
+    assert os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] == "1" and os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"] == "9"
+    assert "padded to a multiple of 256 tokens (up to 9 shapes)" in capsys.readouterr().out
+    blocks = types.SimpleNamespace(_COMPILE_OPTIONS={"triton.cudagraphs": False}, _CUDAGRAPH_MAX_SHAPES=8)
+    monkeypatch.setitem(sys.modules, "unsloth.models._block_compile", blocks)
+    use_block_graphs(128, 1000)
+    assert blocks._COMPILE_OPTIONS["triton.cudagraphs"] is True and blocks._CUDAGRAPH_MAX_SHAPES == 9  # 8 widths + 1
+
+    for bad in ("0", "-64"):
+        with pytest.raises(ConfigError, match=f"--pad-to-multiple-of must be a whole number, 1 or more, not {bad}"):
+            parse_config(["--pad-to-multiple-of", bad])
+    yaml = tmp_path / "pad.yaml"
+    yaml.write_text("pad_to_multiple_of: true\n")
+    with pytest.raises(ConfigError, match="--pad-to-multiple-of must be a whole number"):
+        parse_config(["--config", str(yaml)])
+    yaml.write_text("block_cuda_graphs: sometimes\n")
+    with pytest.raises(ConfigError, match="--block-cuda-graphs must be auto, true or false"):
+        parse_config(["--config", str(yaml)])
+
+
 def test_sync_points_count_each_caller_of_a_synchronizing_operation_and_pass_other_warnings_on():
     """The profile's list of where the host waited for the GPU: PyTorch raises a warning at each synchronizing CUDA
     operation under `set_sync_debug_mode("warn")` (no CUDA here: the warning is raised as PyTorch words it)."""

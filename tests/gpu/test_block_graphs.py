@@ -1,0 +1,50 @@
+"""`--block-cuda-graphs` with unsloth's trainer on the Llama-3.2-1B shape: the rows padded to a multiple of 256
+tokens reach unsloth's collator, unsloth's compiled blocks record and replay CUDA graphs without Inductor skipping
+them, and the losses are those of the same steps without graphs. Needs CUDA, unsloth and SHALLOW_TEST_LLAMA_DIR."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shared.settings import Settings
+from tests.conftest import ROOT
+from tests.gpu.test_unsloth_worker import llama_dir  # noqa: F401 - the fixture
+from training.synthetic import write_finetome_like
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def test_unsloth_blocks_replayed_as_cuda_graphs_train_as_without(llama_dir, tmp_path):  # noqa: F811
+    data = write_finetome_like(tmp_path / "finetome-like.jsonl", 128)
+    # perf_hints: Inductor says "skipping cudagraphs due to ..." where a graph cannot be recorded
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SHALLOW_HOME=str(tmp_path / "home"), TORCH_LOGS="perf_hints",
+               SHALLOW_CACHE_DIR=str(Settings.from_env().cache_dir))
+    runs = {}
+    for graphs in ("false", "true"):
+        out = tmp_path / f"run-{graphs}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "shared.cli", "train", "--base-model", llama_dir, "--dataset", str(data),
+             "--output-dir", str(out), "--max-steps", "12", "--save-steps", "100", "--warmup-steps", "2",
+             "--block-cuda-graphs", graphs], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        record = json.loads((out / "run.json").read_text())
+        history = json.loads((out / "history.json").read_text())
+        runs[graphs] = record, [(h["step"], h["num_input_tokens_seen"], h["loss"]) for h in history if "loss" in h]
+        said = proc.stdout + proc.stderr
+        skips = [line for line in said.splitlines() if "skipping cudagraphs" in line]
+        print(graphs, record["config"]["block_cuda_graphs"], record["config"]["pad_to_multiple_of"], record["batches"],
+              record["tokens_per_second"], record["peak_memory_bytes"], skips[:3], runs[graphs][1])
+        if graphs == "true":
+            assert "each compiled block replayed as a CUDA graph" in said
+            assert not skips, skips[:5]
+    (plain, plain_losses), (graphed, graphed_losses) = runs["false"], runs["true"]
+    assert plain["config"]["block_cuda_graphs"] == "false" and graphed["config"]["block_cuda_graphs"] == "true"
+    assert graphed["config"]["pad_to_multiple_of"] == 256 and graphed["batches"]["pad_to_multiple_of"] == 256
+    assert graphed["batches"]["trainer"].endswith(".UnslothSFTTrainer")
+    assert [s[:2] for s in graphed_losses] == [s[:2] for s in plain_losses] and len(plain_losses) == 12
+    for (_, _, a), (_, _, b) in zip(plain_losses, graphed_losses):  # bf16, other kernels for other widths
+        assert abs(a - b) <= 0.01 * abs(a), (plain_losses, graphed_losses)
