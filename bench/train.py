@@ -334,9 +334,15 @@ def main(argv: list[str]) -> int:
         cut = [min(n, args.max_seq_length) for n in lengths]
         padding = padded_share(cut, RECIPE_SEQUENCES, 1)  # batches as the Trainer draws them, in one pass
         padding["by_passes"] = {n: padded_share(cut, RECIPE_SEQUENCES, n)["padded_tokens"] for n in (2, 4)}
+        from training.train import block_graph_multiple  # (transformers, which the token count loaded already)
+
+        multiple = block_graph_multiple(args.max_seq_length)  # what --block-cuda-graphs pads to
+        padding["by_multiple"] = {multiple: padded_share(cut, RECIPE_SEQUENCES, 1, multiple=multiple)["padded_tokens"]}
         print(f"bench train: a batch of {padding['rows']} holds {padding['real_tokens']:,.0f} real tokens, "
               f"{padding['padded_tokens']:,.0f} padded ({padding['real_share']:.0%} real); sorted by length in 2 passes "
-              + ", in 4 passes ".join(f"{t:,.0f} ({padding['real_tokens'] / t:.0%} real)" for t in padding["by_passes"].values()),
+              + ", in 4 passes ".join(f"{t:,.0f} ({padding['real_tokens'] / t:.0%} real)" for t in padding["by_passes"].values())
+              + "".join(f"; rows padded to a multiple of {m} (graphs) {t:,.0f} ({padding['real_tokens'] / t:.0%} real)"
+                        for m, t in padding["by_multiple"].items()),
               file=sys.stderr, flush=True)
         rows = []
         for index, name in enumerate(names):

@@ -148,9 +148,11 @@ def install(trainer, passes: int) -> dict[str, Any]:
     return record
 
 
-def padded_share(lengths: list[int], rows: int, passes: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
+def padded_share(lengths: list[int], rows: int, passes: int, draws: int = 2000, seed: int = 0,
+                 multiple: int | None = None) -> dict[str, float]:
     """Batches of `rows` drawn at random from `lengths`, as the Trainer shuffles, trained in `passes` passes by
-    length: their real tokens, the tokens they compute padded, and the real share."""
+    length, each pass padded to its longest row (rounded up to `multiple`, --pad-to-multiple-of): their real tokens,
+    the tokens they compute padded, and the real share."""
     import random
 
     rng = random.Random(seed)
@@ -159,6 +161,8 @@ def padded_share(lengths: list[int], rows: int, passes: int, draws: int = 2000, 
     for _ in range(draws):
         batch = sorted(rng.choice(lengths) for _ in range(rows))
         real += sum(batch)
-        padded += sum(len(batch[i:i + per]) * batch[min(i + per, rows) - 1] for i in range(0, rows, per))
+        widths = (batch[min(i + per, rows) - 1] for i in range(0, rows, per))
+        padded += sum(len(batch[i:i + per]) * (-(-w // multiple) * multiple if multiple else w)
+                      for i, w in zip(range(0, rows, per), widths))
     return {"rows": rows, "passes": passes, "real_tokens": round(real / draws, 1),
             "padded_tokens": round(padded / draws, 1), "real_share": round(real / padded, 3)}

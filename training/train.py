@@ -1146,7 +1146,13 @@ def block_graphs(cfg: TrainConfig, cuda: bool, unsloth: bool) -> int | None:
     if not (cuda and unsloth):
         print("shallow train: --block-cuda-graphs has no effect without unsloth on CUDA (nothing is compiled)", flush=True)
         return None
-    return cfg.pad_to_multiple_of or 64 * math.ceil(cfg.max_seq_length / BLOCK_GRAPH_WIDTHS / 64)
+    return cfg.pad_to_multiple_of or block_graph_multiple(cfg.max_seq_length)
+
+
+def block_graph_multiple(max_seq_length: int) -> int:
+    """What --block-cuda-graphs pads the rows to unless told: BLOCK_GRAPH_WIDTHS widths up to --max-seq-length, a
+    multiple of 64 (256 for 2,048)."""
+    return 64 * math.ceil(max_seq_length / BLOCK_GRAPH_WIDTHS / 64)
 
 
 def use_block_graphs(multiple: int, max_seq_length: int) -> int:

@@ -62,6 +62,9 @@ def test_bench_train_defaults_learn_as_the_recipe_does(model_dir, tmp_path):
     # and in passes by length (`--length-passes`): less padded, never less than the real tokens
     two, four = result["padding"]["by_passes"]["2"], result["padding"]["by_passes"]["4"]
     assert result["padding"]["real_tokens"] <= four <= two <= result["padding"]["padded_tokens"] and "in 4 passes" in proc.stderr
+    # and padded to what --block-cuda-graphs pads to: more padded, never less than one pass to the longest row
+    (multiple, widened), = result["padding"]["by_multiple"].items()
+    assert widened >= result["padding"]["padded_tokens"] and f"a multiple of {multiple} (graphs)" in proc.stderr
     # the host the figures were measured on, by bench.host_probe in a process of its own
     import torch
 

@@ -116,6 +116,8 @@ def test_the_share_of_real_tokens_grows_with_passes():
     assert one["real_tokens"] == two["real_tokens"] == four["real_tokens"]  # the same batches drawn
     assert one["real_share"] < two["real_share"] < four["real_share"] <= 1
     assert padded_share([300] * 5, 8, 2)["real_share"] == 1.0
+    assert padded_share([300] * 5, 8, 1, multiple=256)["padded_tokens"] == 8 * 512  # rounded up to the multiple
+    assert padded_share([300] * 5, 8, 2, multiple=100)["real_share"] == 1.0
 
 
 def test_length_passes_train_the_same_steps_as_one_pass_and_evaluate_the_same(model_dir, tmp_path):
