@@ -86,6 +86,8 @@ def test_presets_join_with_plus_and_an_unknown_one_is_refused_before_anything_ru
     assert preset_args("cpp+quantized", 2048, 500.0) == ["--cpp-wrapper", "true", "--dequantize-base", "false"]
     assert preset_args("padfree", 2048, 500.0) == ["--padding-free", "true"]
     assert preset_args("padded", 2048, 500.0) == ["--padding-free", "false"]
+    assert preset_args("cpp+pad256", 2048, 500.0) == ["--cpp-wrapper", "true", "--pad-to-multiple-of", "256"]
+    assert preset_args("cpp+graphs", 2048, 500.0) == ["--cpp-wrapper", "true", "--block-cuda-graphs", "true"]
     data = write_sharegpt(tmp_path / "pirate.jsonl", 8)
     proc = subprocess.run(
         [sys.executable, "-m", "shared.cli", "bench", "train", "--base-model", "/nonexistent/model", "--data", str(data),
