@@ -31,7 +31,7 @@ AUTO_MIN_ROWS = 4  # rows of a micro-batch for `auto` to split it: passes of 2 r
 def resolve(cfg, cuda: bool) -> int:
     """The passes a step of this run takes: `--length-passes` as given, or `auto`'s choice: 2 without CUDA where the
     micro-batch has 4 rows or more and is padded (not packed), else 1. On CUDA `auto` is 1: on an H100 2 passes
-    ran ~29% slower a step than one (session 30, `docs/training.md`)."""
+    ran 21% fewer tokens/s than one, a median step 40% longer (session 30, `docs/training.md`)."""
     asked = str(cfg.length_passes).lower()
     if asked != "auto":
         return int(asked)
