@@ -1,3 +1,4 @@
+# NOT RUN: session 30 had too little device time left to start a machine for it (ready for a later session)
 # session 30, the last ~290 s of device time: does `--block-cuda-graphs true` run on unsloth's trainer at all, and
 # at what rate? `shallow train` with the defaults + the C++ wrappers + block graphs, 40 steps on the bench's data,
 # Inductor's perf hints on (they say "skipping cudagraphs due to ..." where it cannot record). The log comes back.
