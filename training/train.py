@@ -420,6 +420,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from unsloth.chat_templates import train_on_responses_only
 
         trainer = train_on_responses_only(trainer, instruction_part=LLAMA31_INSTRUCTION, response_part=LLAMA31_RESPONSE)
+    keep_pad_multiple(trainer, cfg.pad_to_multiple_of)
 
     best_dir = out / "best-adapter"
     keeper = KeepBest(best_dir, tokenizer, cfg.early_stopping_patience)
@@ -1135,6 +1136,23 @@ def use_cpp_wrapper(cfg: TrainConfig, cuda: bool, steps: int | None = None) -> b
     why = f" ({steps:,} steps: --cpp-wrapper auto)" if mode == "auto" else ""
     print(f"shallow train: compiled graphs with C++ wrappers{why}; the first steps compile them", flush=True)
     return True
+
+
+def keep_pad_multiple(trainer, multiple: int | None) -> None:
+    """--pad-to-multiple-of on the collator the trainer ends with: trl's takes it from SFTConfig, but unsloth's
+    `train_on_responses_only` (2026.10.9) replaces any collator that is not a `DataCollatorForSeq2Seq` by a new one
+    without it (unsloth_zoo's `dataset_utils.py`, read, not seen on a GPU). A collator
+    with no such setting cannot pad to a multiple: said, and the rows stay padded to their longest."""
+    collator = trainer.data_collator
+    if not multiple or getattr(collator, "pad_to_multiple_of", None) == multiple:
+        return
+    if not hasattr(collator, "pad_to_multiple_of"):
+        print(f"shallow train: --pad-to-multiple-of {multiple} has no effect: {type(collator).__name__} pads rows to "
+              "the longest of their batch", flush=True)
+        return
+    logger.info("--pad-to-multiple-of %d set on %s (it had %s)", multiple, type(collator).__name__,
+                collator.pad_to_multiple_of)
+    collator.pad_to_multiple_of = multiple
 
 
 def block_graphs(cfg: TrainConfig, cuda: bool, unsloth: bool) -> int | None:

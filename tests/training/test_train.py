@@ -609,6 +609,34 @@ def test_block_cuda_graphs_pad_the_rows_to_few_widths_and_turn_unsloths_graphs_o
         parse_config(["--config", str(yaml)])
 
 
+def test_the_pad_multiple_reaches_the_collator_the_trainer_ends_with(model_dir, capsys):
+    """unsloth's `train_on_responses_only` replaces a collator that is not a `DataCollatorForSeq2Seq` by one of its
+    own, without the multiple trl's had (unsloth_zoo 2026.10.9, `dataset_utils.py`, read): `keep_pad_multiple` puts it back, and
+    the batches then come padded to it. A collator that cannot pad to a multiple is said, not silently left."""
+    import types
+
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+    from training.train import keep_pad_multiple
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    trainer = types.SimpleNamespace(data_collator=DataCollatorForSeq2Seq(tokenizer))  # as unsloth leaves it
+    rows = [{"input_ids": list(range(1, 1 + n)), "labels": list(range(1, 1 + n))} for n in (5, 70)]
+    assert trainer.data_collator(rows)["input_ids"].shape == (2, 70)
+    keep_pad_multiple(trainer, 64)
+    assert trainer.data_collator.pad_to_multiple_of == 64
+    batch = trainer.data_collator(rows)
+    assert batch["input_ids"].shape == (2, 128) and batch["labels"].shape == (2, 128)
+    assert batch["attention_mask"].sum(1).tolist() == [5, 70]
+    keep_pad_multiple(trainer, None)  # not asked: left as it is
+    assert trainer.data_collator.pad_to_multiple_of == 64
+    assert capsys.readouterr().out == ""
+    own = types.SimpleNamespace(data_collator=lambda features: features)
+    keep_pad_multiple(own, 64)
+    assert "--pad-to-multiple-of 64 has no effect: function pads rows to the longest" in capsys.readouterr().out
+
+
 def test_sync_points_count_each_caller_of_a_synchronizing_operation_and_pass_other_warnings_on():
     """The profile's list of where the host waited for the GPU: PyTorch raises a warning at each synchronizing CUDA
     operation under `set_sync_debug_mode("warn")` (no CUDA here: the warning is raised as PyTorch words it)."""
