@@ -1,16 +1,18 @@
 # NOT RUN: session 30 had too little device time left to start a machine for it (ready for a later session)
 # session 30, the last ~290 s of device time: does `--block-cuda-graphs true` run on unsloth's trainer at all, and
 # at what rate? `shallow train` with the defaults + the C++ wrappers + block graphs, 40 steps on the bench's data,
-# Inductor's perf hints on (they say "skipping cudagraphs due to ..." where it cannot record). The log comes back.
+# Inductor's cudagraphs log on ("Recording function=..." for each graph, "skipping cudagraphs due to ..." where it
+# cannot record one). The log comes back.
 source .gpu/env.sh
 out=/tmp/s30; keep=$OUT/s30; mkdir -p $out $keep
 source bench/gpu_models.sh
 data=$out/finetome-like.jsonl
 python -c "from training.synthetic import write_finetome_like as w; w('$data', 1024, seed=3407)"
-TORCH_LOGS=perf_hints SHALLOW_LOG_LEVEL=WARNING SHALLOW_HOME=$out/home timeout ${LIMIT:-170} python -m shared.cli train \
+TORCH_LOGS=cudagraphs SHALLOW_LOG_LEVEL=WARNING SHALLOW_HOME=$out/home timeout ${LIMIT:-170} python -m shared.cli train \
   --base-model $base --dataset $data --output-dir $out/run --no-resume --save-steps 100000 --max-steps 40 \
   --warmup-steps 5 --logging-steps 1 --cpp-wrapper true --block-cuda-graphs true > $keep/train.log 2>&1
-echo "rc=$?"; tr '\r' '\n' < $keep/train.log | grep -E "CUDA graph|cudagraph|Error|error|[0-9]+/40 \[" | tail -25
+echo "rc=$?"; tr '\r' '\n' < $keep/train.log | grep -E "CUDA graph|skipping cudagraphs|Error|error|[0-9]+/40 \[" | tail -25
+echo "graphs recorded: $(grep -c 'Recording function=' $keep/train.log)"
 cp $out/run/run.json $out/run/history.json $keep/ 2>/dev/null
 python - $keep <<'PY'
 import json, sys, os
