@@ -386,7 +386,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     graphs = block_graphs(cfg, torch.cuda.is_available(), unsloth)  # before unsloth compiles the blocks (_load)
     cfg.block_cuda_graphs = "true" if graphs else "false"  # as resolved, in run.json's config
     if graphs:
-        cfg.pad_to_multiple_of = use_block_graphs(graphs, cfg.max_seq_length)
+        cfg.pad_to_multiple_of = graphs
+        use_block_graphs(graphs, cfg.max_seq_length)
 
     from transformers import set_seed
 
@@ -1173,10 +1174,10 @@ def block_graph_multiple(max_seq_length: int) -> int:
     return 64 * math.ceil(max_seq_length / BLOCK_GRAPH_WIDTHS / 64)
 
 
-def use_block_graphs(multiple: int, max_seq_length: int) -> int:
+def use_block_graphs(multiple: int, max_seq_length: int) -> None:
     """Turn unsloth's per-block CUDA graphs on (before it compiles the blocks: the model's load), allowing as many
     shapes as the padded widths, plus one for an epoch's last, smaller batch (past its cap unsloth turns a layer
-    kind's graphs off). Returns the pad multiple."""
+    kind's graphs off)."""
     shapes = math.ceil(max_seq_length / multiple) + 1
     os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] = "1"
     os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"] = str(shapes)
@@ -1186,7 +1187,6 @@ def use_block_graphs(multiple: int, max_seq_length: int) -> int:
         blocks._CUDAGRAPH_MAX_SHAPES = shapes
     print(f"shallow train: each compiled block replayed as a CUDA graph, rows padded to a multiple of {multiple} "
           f"tokens (up to {shapes} shapes); the first steps record the graphs", flush=True)
-    return multiple
 
 
 def gpu_budget(cfg: TrainConfig) -> int:
