@@ -162,7 +162,8 @@ class TrainConfig:
         "unsloth, CUDA: replay each compiled decoder block as a CUDA graph (unsloth's UNSLOTH_BLOCK_CUDAGRAPHS), so "
         "the host launches one graph a block and pass instead of its kernels one by one. A graph is recorded for "
         "each batch shape, so the rows are padded to a multiple (--pad-to-multiple-of, else --max-seq-length / "
-        f"{BLOCK_GRAPH_WIDTHS} rounded up to 64: {BLOCK_GRAPH_WIDTHS} widths). Not measured on a GPU yet: 'auto' "
+        f"{BLOCK_GRAPH_WIDTHS} rounded up to 64: {BLOCK_GRAPH_WIDTHS} widths); with --cpp-wrapper, Inductor's graph "
+        "partition goes off (else Inductor records no graph of C++-wrapped code). Not measured on a GPU yet: 'auto' "
         "(default) is off; 'true' or 'false'")
     gradient_checkpointing: str = field(
         default="auto", metadata={
@@ -387,7 +388,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.block_cuda_graphs = "true" if graphs else "false"  # as resolved, in run.json's config
     if graphs:
         cfg.pad_to_multiple_of = graphs
-        use_block_graphs(graphs, cfg.max_seq_length)
+        use_block_graphs(graphs, cfg.max_seq_length, cpp_wrapper=cfg.cpp_wrapper == "true")
 
     from transformers import set_seed
 
@@ -1174,10 +1175,16 @@ def block_graph_multiple(max_seq_length: int) -> int:
     return 64 * math.ceil(max_seq_length / BLOCK_GRAPH_WIDTHS / 64)
 
 
-def use_block_graphs(multiple: int, max_seq_length: int) -> None:
+def use_block_graphs(multiple: int, max_seq_length: int, cpp_wrapper: bool = False) -> None:
     """Turn unsloth's per-block CUDA graphs on (before it compiles the blocks: the model's load), allowing as many
     shapes as the padded widths, plus one for an epoch's last, smaller batch (past its cap unsloth turns a layer
-    kind's graphs off)."""
+    kind's graphs off).
+
+    With the C++ wrappers (`--cpp-wrapper`), Inductor's graph partition goes off: Inductor (torch 2.11-2.13,
+    `compile_fx.get_cpp_wrapper_config`) turns `triton.cudagraphs` off for every C++-wrapped graph while graph
+    partition is on (its default outside Meta), saying "skipping cudagraphs due to cpp-wrapper does not support graph
+    partition yet": the blocks would record no graph. Without partition a compiled graph is recorded whole, or
+    skipped whole (and said) where an op of it cannot be in a CUDA graph."""
     shapes = math.ceil(max_seq_length / multiple) + 1
     os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] = "1"
     os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"] = str(shapes)
@@ -1185,8 +1192,15 @@ def use_block_graphs(multiple: int, max_seq_length: int) -> None:
     if blocks is not None:  # imported already: its settings were read from the environment then
         blocks._COMPILE_OPTIONS["triton.cudagraphs"] = True
         blocks._CUDAGRAPH_MAX_SHAPES = shapes
+    partition = ""
+    if cpp_wrapper:
+        import torch._inductor.config as inductor
+
+        inductor.graph_partition = False
+        os.environ["TORCHINDUCTOR_GRAPH_PARTITION"] = "0"  # and in the processes this one starts
+        partition = "; Inductor's graph partition off, which would keep C++-wrapped graphs from being recorded"
     print(f"shallow train: each compiled block replayed as a CUDA graph, rows padded to a multiple of {multiple} "
-          f"tokens (up to {shapes} shapes); the first steps record the graphs", flush=True)
+          f"tokens (up to {shapes} shapes); the first steps record the graphs{partition}", flush=True)
 
 
 def gpu_budget(cfg: TrainConfig) -> int:

@@ -1,6 +1,8 @@
 """`--block-cuda-graphs` with unsloth's trainer on the Llama-3.2-1B shape: the rows padded to a multiple of 256
 tokens reach unsloth's collator, Inductor records CUDA graphs for unsloth's compiled blocks (and none without the
-flag) and skips none, and the losses are those of the same steps without graphs. Needs CUDA, unsloth and SHALLOW_TEST_LLAMA_DIR."""
+flag) and skips none, with Python wrappers and with the C++ ones (`--cpp-wrapper true`, the epoch's default on CUDA:
+Inductor skips the graphs of C++-wrapped code while its graph partition is on), and the losses are those of the same
+steps without graphs. Needs CUDA, unsloth and SHALLOW_TEST_LLAMA_DIR."""
 from __future__ import annotations
 
 import json
@@ -27,32 +29,37 @@ def test_unsloth_blocks_replayed_as_cuda_graphs_train_as_without(llama_dir, tmp_
     env = dict(os.environ, PYTHONUNBUFFERED="1", SHALLOW_HOME=str(tmp_path / "home"), TORCH_LOGS="cudagraphs",
                SHALLOW_CACHE_DIR=str(Settings.from_env().cache_dir))
     runs = {}
-    for graphs in ("false", "true"):
-        out = tmp_path / f"run-{graphs}"
+    for name, flags in (("plain", ["--block-cuda-graphs", "false"]), ("graphs", ["--block-cuda-graphs", "true"]),
+                        ("graphs+cpp", ["--block-cuda-graphs", "true", "--cpp-wrapper", "true"])):
+        out = tmp_path / f"run-{name}"
         proc = subprocess.run(
             [sys.executable, "-m", "shared.cli", "train", "--base-model", llama_dir, "--dataset", str(data),
-             "--output-dir", str(out), "--max-steps", "12", "--save-steps", "100", "--warmup-steps", "2",
-             "--block-cuda-graphs", graphs], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+             "--output-dir", str(out), "--max-steps", "12", "--save-steps", "100", "--warmup-steps", "2", *flags],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         record = json.loads((out / "run.json").read_text())
         history = json.loads((out / "history.json").read_text())
-        runs[graphs] = record, [(h["step"], h["num_input_tokens_seen"], h["loss"]) for h in history if "loss" in h]
+        runs[name] = record, [(h["step"], h["num_input_tokens_seen"], h["loss"]) for h in history if "loss" in h]
         said = proc.stdout + proc.stderr
         skips = [line for line in said.splitlines() if "skipping cudagraphs" in line]
         recorded = sum("Recording function=" in line for line in said.splitlines())
-        print(graphs, record["config"]["block_cuda_graphs"], record["config"]["pad_to_multiple_of"], record["batches"],
-              record["tokens_per_second"], record["peak_memory_bytes"], "graphs recorded:", recorded, skips[:3],
-              runs[graphs][1])
+        print(name, record["config"]["block_cuda_graphs"], record["config"]["cpp_wrapper"],
+              record["config"]["pad_to_multiple_of"], record["batches"], record["tokens_per_second"],
+              record["peak_memory_bytes"], "graphs recorded:", recorded, skips[:3], runs[name][1])
         assert not skips, skips[:5]
-        if graphs == "true":
+        if name == "plain":
+            assert recorded == 0
+        else:
             assert "each compiled block replayed as a CUDA graph" in said
             assert recorded > 0, said[-3000:]
-        else:
-            assert recorded == 0
-    (plain, plain_losses), (graphed, graphed_losses) = runs["false"], runs["true"]
-    assert plain["config"]["block_cuda_graphs"] == "false" and graphed["config"]["block_cuda_graphs"] == "true"
-    assert graphed["config"]["pad_to_multiple_of"] == 256 and graphed["batches"]["pad_to_multiple_of"] == 256
-    assert graphed["batches"]["trainer"].endswith(".UnslothSFTTrainer")
-    assert [s[:2] for s in graphed_losses] == [s[:2] for s in plain_losses] and len(plain_losses) == 12
-    for (_, _, a), (_, _, b) in zip(plain_losses, graphed_losses):  # bf16, other kernels for other widths
-        assert abs(a - b) <= 0.01 * abs(a), (plain_losses, graphed_losses)
+    assert runs["graphs+cpp"][0]["config"]["cpp_wrapper"] == "true" and runs["graphs"][0]["config"]["cpp_wrapper"] == "false"
+    plain, plain_losses = runs["plain"]
+    assert plain["config"]["block_cuda_graphs"] == "false"
+    for name in ("graphs", "graphs+cpp"):
+        graphed, graphed_losses = runs[name]
+        assert graphed["config"]["block_cuda_graphs"] == "true"
+        assert graphed["config"]["pad_to_multiple_of"] == 256 and graphed["batches"]["pad_to_multiple_of"] == 256
+        assert graphed["batches"]["trainer"].endswith(".UnslothSFTTrainer")
+        assert [s[:2] for s in graphed_losses] == [s[:2] for s in plain_losses] and len(plain_losses) == 12
+        for (_, _, a), (_, _, b) in zip(plain_losses, graphed_losses):  # bf16, other kernels for other widths
+            assert abs(a - b) <= 0.01 * abs(a), (name, plain_losses, graphed_losses)

@@ -609,6 +609,35 @@ def test_block_cuda_graphs_pad_the_rows_to_few_widths_and_turn_unsloths_graphs_o
         parse_config(["--config", str(yaml)])
 
 
+def test_block_cuda_graphs_with_cpp_wrappers_keep_inductor_from_turning_the_graphs_off(tmp_path):
+    """With the C++ wrappers on, Inductor turns off `triton.cudagraphs` (unsloth's per-block graphs) for every graph
+    while its graph partition is on ("skipping cudagraphs due to cpp-wrapper does not support graph partition
+    yet"): `--block-cuda-graphs` then turns graph partition off. On this CPU, in one process: a function compiled with
+    unsloth's graph option under the C++ wrappers is refused its graphs (the check can see the refusal), and one
+    compiled after `use_block_graphs` is not. (On the CPU no graph is recorded either way: no CUDA.)"""
+    script = (
+        "import sys, torch\n"
+        "from training.train import CPP_WRAPPER_MIN_STEPS, parse_config, use_block_graphs, use_cpp_wrapper\n"
+        "assert use_cpp_wrapper(parse_config([]), cuda=True, steps=CPP_WRAPPER_MIN_STEPS)\n"
+        "graphs = {'triton.cudagraphs': True}  # what unsloth's blocks compile with under UNSLOTH_BLOCK_CUDAGRAPHS=1\n"
+        "sys.stderr.write('== before\\n'); sys.stderr.flush()\n"
+        "torch.compile(lambda x: (x * 2).sin() + 1, options=graphs)(torch.ones(8))\n"
+        "use_block_graphs(256, 2048, cpp_wrapper=True)\n"
+        "sys.stderr.write('== after\\n'); sys.stderr.flush()\n"
+        "torch.compile(lambda x: (x * 3).cos() - 1, options=graphs)(torch.ones(8))\n"
+        "import os, torch._inductor.config as inductor\n"
+        "print(inductor.graph_partition, os.environ['TORCHINDUCTOR_GRAPH_PARTITION'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CPP_WRAPPER", "TORCHINDUCTOR_GRAPH_PARTITION")}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), PYTHONPATH=str(ROOT), TORCH_LOGS="cudagraphs")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = done.stderr.split("== before\n")[1].split("== after\n")
+    refused = "skipping cudagraphs due to cpp-wrapper does not support graph partition yet"
+    assert refused in before and refused not in after, done.stderr[-3000:]
+    assert "Inductor's graph partition off" in done.stdout and done.stdout.splitlines()[-1] == "False 0", done.stdout
+
+
 def test_the_pad_multiple_reaches_the_collator_the_trainer_ends_with(model_dir, capsys):
     """unsloth's `train_on_responses_only` replaces a collator that is not a `DataCollatorForSeq2Seq` by one of its
     own, without the multiple trl's had (unsloth_zoo 2026.10.9, `dataset_utils.py`, read): `keep_pad_multiple` puts it back, and
