@@ -162,8 +162,9 @@ class TrainConfig:
         "unsloth, CUDA: replay each compiled decoder block as a CUDA graph (unsloth's UNSLOTH_BLOCK_CUDAGRAPHS), so "
         "the host launches one graph a block and pass instead of its kernels one by one. A graph is recorded for "
         "each batch shape, so the rows are padded to a multiple (--pad-to-multiple-of, else --max-seq-length / "
-        f"{BLOCK_GRAPH_WIDTHS} rounded up to 64: {BLOCK_GRAPH_WIDTHS} widths); with --cpp-wrapper, Inductor's graph "
-        "partition goes off (else Inductor records no graph of C++-wrapped code). Not measured on a GPU yet: 'auto' "
+        f"{BLOCK_GRAPH_WIDTHS} rounded up to 64: {BLOCK_GRAPH_WIDTHS} widths). torch before 2.12 records no graph of "
+        "C++-wrapped code: there --cpp-wrapper auto stays off beside it (from 2.12 Inductor's graph partition goes off "
+        "for the pair). Not measured on a GPU yet: 'auto' "
         "(default) is off; 'true' or 'false'")
     gradient_checkpointing: str = field(
         default="auto", metadata={
@@ -383,9 +384,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # before the model loads (nothing is compiled yet); `auto` needs the run's length, so after the data
     done_steps = checkpoint_step(resume_from) if resume_from else 0
     steps_to_take = planned_steps(cfg, len(data)) - done_steps  # this process's share of the run
-    cfg.cpp_wrapper = "true" if use_cpp_wrapper(cfg, torch.cuda.is_available(), steps_to_take) else "false"
     graphs = block_graphs(cfg, torch.cuda.is_available(), unsloth)  # before unsloth compiles the blocks (_load)
     cfg.block_cuda_graphs = "true" if graphs else "false"  # as resolved, in run.json's config
+    cfg.cpp_wrapper = "true" if use_cpp_wrapper(cfg, torch.cuda.is_available(), steps_to_take, graphs=bool(graphs)) else "false"
     if graphs:
         cfg.pad_to_multiple_of = graphs
         use_block_graphs(graphs, cfg.max_seq_length, cpp_wrapper=cfg.cpp_wrapper == "true")
@@ -1114,12 +1115,24 @@ def planned_steps(cfg: TrainConfig, rows: int) -> int:
     return math.ceil(per_epoch * cfg.num_train_epochs)
 
 
-def use_cpp_wrapper(cfg: TrainConfig, cuda: bool, steps: int | None = None) -> bool:
+def cpp_wrapper_keeps_cuda_graphs() -> bool:
+    """Whether this torch's Inductor records CUDA graphs of C++-wrapped code. From torch 2.12 it does, with its graph
+    partition off (`use_block_graphs` turns it off); up to 2.11 `compile_fx.get_cpp_wrapper_config` turned
+    `triton.cudagraphs` off for every C++-wrapped graph ("skipping cudagraphs due to cpp wrapper enabled"; read in
+    the 2.11.0 and 2.12.0 wheels)."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 12)
+
+
+def use_cpp_wrapper(cfg: TrainConfig, cuda: bool, steps: int | None = None, graphs: bool = False) -> bool:
     """--cpp-wrapper: Inductor writes each compiled graph's launch code in C++ (what TORCHINDUCTOR_CPP_WRAPPER=1
     does; set before anything is compiled). A lab-sized step is the host's on an H200, and the graphs' Python
     wrappers were ~44 ms of it (session 10's profile). `auto` turns it on for a run of `steps` (the optimizer steps
     still to take) >= CPP_WRAPPER_MIN_STEPS, where the shorter steps repay the wrappers' compile. Without CUDA
-    nothing is compiled: `true` says so."""
+    nothing is compiled: `true` says so. With `graphs` (--block-cuda-graphs on) and a torch that records no CUDA
+    graph of C++-wrapped code (before 2.12), `auto` keeps the Python wrappers, saying why, and `true` is refused."""
     mode = str(cfg.cpp_wrapper).lower()
     if mode == "false":
         return False
@@ -1130,6 +1143,16 @@ def use_cpp_wrapper(cfg: TrainConfig, cuda: bool, steps: int | None = None) -> b
     if mode == "auto" and (steps is None or steps < CPP_WRAPPER_MIN_STEPS):
         logger.info("compiled graphs keep Python wrappers: %s steps, under the %d where C++ ones repay their compile",
                     steps, CPP_WRAPPER_MIN_STEPS)
+        return False
+    if graphs and not cpp_wrapper_keeps_cuda_graphs():
+        import torch
+
+        if mode == "true":
+            raise ConfigError(f"--cpp-wrapper true and --block-cuda-graphs true cannot go together with torch "
+                              f"{torch.__version__}: its Inductor records no CUDA graph of C++-wrapped code (torch 2.12 "
+                              "and later do). Leave one of them out")
+        print(f"shallow train: compiled graphs keep Python wrappers: --block-cuda-graphs needs them with torch "
+              f"{torch.__version__} (its Inductor records no CUDA graph of C++-wrapped code)", flush=True)
         return False
     import torch._inductor.config as inductor
 
@@ -1180,11 +1203,12 @@ def use_block_graphs(multiple: int, max_seq_length: int, cpp_wrapper: bool = Fal
     shapes as the padded widths, plus one for an epoch's last, smaller batch (past its cap unsloth turns a layer
     kind's graphs off).
 
-    With the C++ wrappers (`--cpp-wrapper`), Inductor's graph partition goes off: Inductor (torch 2.11-2.13,
-    `compile_fx.get_cpp_wrapper_config`) turns `triton.cudagraphs` off for every C++-wrapped graph while graph
-    partition is on (its default outside Meta), saying "skipping cudagraphs due to cpp-wrapper does not support graph
-    partition yet": the blocks would record no graph. Without partition a compiled graph is recorded whole, or
-    skipped whole (and said) where an op of it cannot be in a CUDA graph."""
+    With the C++ wrappers (`--cpp-wrapper`, which `use_cpp_wrapper` leaves on beside the graphs from torch 2.12 only),
+    Inductor's graph partition goes off: Inductor (torch 2.12-2.13, `compile_fx.get_cpp_wrapper_config`) turns
+    `triton.cudagraphs` off for every C++-wrapped graph while graph partition is on (its default outside Meta), saying
+    "skipping cudagraphs due to cpp-wrapper does not support graph partition yet": the blocks would record no graph.
+    Without partition a compiled graph is recorded whole, or skipped whole (and said) where an op of it cannot be in a
+    CUDA graph."""
     shapes = math.ceil(max_seq_length / multiple) + 1
     os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] = "1"
     os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"] = str(shapes)

@@ -1,8 +1,8 @@
 """`--block-cuda-graphs` with unsloth's trainer on the Llama-3.2-1B shape: the rows padded to a multiple of 256
 tokens reach unsloth's collator, Inductor records CUDA graphs for unsloth's compiled blocks (and none without the
-flag) and skips none, with Python wrappers and with the C++ ones (`--cpp-wrapper true`, the epoch's default on CUDA:
-Inductor skips the graphs of C++-wrapped code while its graph partition is on), and the losses are those of the same
-steps without graphs. Needs CUDA, unsloth and SHALLOW_TEST_LLAMA_DIR."""
+flag) and skips none, with Python wrappers and, from torch 2.12, with the C++ ones (`--cpp-wrapper true`, the
+epoch's default on CUDA: `shallow train` turns Inductor's graph partition off for them; before 2.12 the pair is
+refused), and the losses are those of the same steps without graphs. Needs CUDA, unsloth and SHALLOW_TEST_LLAMA_DIR."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from shared.settings import Settings
 from tests.conftest import ROOT
 from tests.gpu.test_unsloth_worker import llama_dir  # noqa: F401 - the fixture
 from training.synthetic import write_finetome_like
+from training.train import cpp_wrapper_keeps_cuda_graphs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -36,6 +37,10 @@ def test_unsloth_blocks_replayed_as_cuda_graphs_train_as_without(llama_dir, tmp_
             [sys.executable, "-m", "shared.cli", "train", "--base-model", llama_dir, "--dataset", str(data),
              "--output-dir", str(out), "--max-steps", "12", "--save-steps", "100", "--warmup-steps", "2", *flags],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if name == "graphs+cpp" and not cpp_wrapper_keeps_cuda_graphs():  # torch 2.11, the GPU machine's: refused
+            assert proc.returncode == 2 and "cannot go together with torch" in proc.stderr, proc.stderr[-3000:]
+            print(name, "refused:", proc.stderr.strip().splitlines()[-1])
+            continue
         assert proc.returncode == 0, proc.stderr[-3000:]
         record = json.loads((out / "run.json").read_text())
         history = json.loads((out / "history.json").read_text())
@@ -52,10 +57,11 @@ def test_unsloth_blocks_replayed_as_cuda_graphs_train_as_without(llama_dir, tmp_
         else:
             assert "each compiled block replayed as a CUDA graph" in said
             assert recorded > 0, said[-3000:]
-    assert runs["graphs+cpp"][0]["config"]["cpp_wrapper"] == "true" and runs["graphs"][0]["config"]["cpp_wrapper"] == "false"
+    assert runs["graphs"][0]["config"]["cpp_wrapper"] == "false"
+    assert "graphs+cpp" not in runs or runs["graphs+cpp"][0]["config"]["cpp_wrapper"] == "true"
     plain, plain_losses = runs["plain"]
     assert plain["config"]["block_cuda_graphs"] == "false"
-    for name in ("graphs", "graphs+cpp"):
+    for name in ("graphs", "graphs+cpp")[: len(runs) - 1]:
         graphed, graphed_losses = runs[name]
         assert graphed["config"]["block_cuda_graphs"] == "true"
         assert graphed["config"]["pad_to_multiple_of"] == 256 and graphed["batches"]["pad_to_multiple_of"] == 256

@@ -618,7 +618,7 @@ def test_block_cuda_graphs_with_cpp_wrappers_keep_inductor_from_turning_the_grap
     script = (
         "import sys, torch\n"
         "from training.train import CPP_WRAPPER_MIN_STEPS, parse_config, use_block_graphs, use_cpp_wrapper\n"
-        "assert use_cpp_wrapper(parse_config([]), cuda=True, steps=CPP_WRAPPER_MIN_STEPS)\n"
+        "assert use_cpp_wrapper(parse_config([]), cuda=True, steps=CPP_WRAPPER_MIN_STEPS, graphs=True)  # 2.13 here\n"
         "graphs = {'triton.cudagraphs': True}  # what unsloth's blocks compile with under UNSLOTH_BLOCK_CUDAGRAPHS=1\n"
         "sys.stderr.write('== before\\n'); sys.stderr.flush()\n"
         "torch.compile(lambda x: (x * 2).sin() + 1, options=graphs)(torch.ones(8))\n"
@@ -636,6 +636,27 @@ def test_block_cuda_graphs_with_cpp_wrappers_keep_inductor_from_turning_the_grap
     refused = "skipping cudagraphs due to cpp-wrapper does not support graph partition yet"
     assert refused in before and refused not in after, done.stderr[-3000:]
     assert "Inductor's graph partition off" in done.stdout and done.stdout.splitlines()[-1] == "False 0", done.stdout
+
+
+def test_block_cuda_graphs_keep_python_wrappers_where_torch_records_no_graph_of_cpp_wrapped_code(monkeypatch, capsys):
+    """Up to torch 2.11 (the GPU machine's), Inductor turns CUDA graphs off for all C++-wrapped code: there
+    `--cpp-wrapper auto` stays off when the graphs are on, saying why, and an explicit `true` beside them is refused."""
+    import torch
+
+    from training.train import CPP_WRAPPER_MIN_STEPS, cpp_wrapper_keeps_cuda_graphs, parse_config, use_cpp_wrapper
+
+    for version, keeps in (("2.11.0", False), ("2.11.1+cu130", False), ("2.12.0", True), ("2.13.0+cpu", True), ("3.0.0", True)):
+        monkeypatch.setattr(torch, "__version__", version)
+        assert cpp_wrapper_keeps_cuda_graphs() is keeps, version
+    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    assert use_cpp_wrapper(parse_config([]), cuda=True, steps=CPP_WRAPPER_MIN_STEPS, graphs=True) is False
+    assert "keep Python wrappers: --block-cuda-graphs needs them with torch 2.11.0" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--cpp-wrapper true and --block-cuda-graphs true cannot go together with torch 2.11.0"):
+        use_cpp_wrapper(parse_config(["--cpp-wrapper", "true"]), cuda=True, graphs=True)
+    # a short run's `auto`, and `false`, are off before the graphs matter: nothing said
+    assert use_cpp_wrapper(parse_config([]), cuda=True, steps=CPP_WRAPPER_MIN_STEPS - 1, graphs=True) is False
+    assert use_cpp_wrapper(parse_config(["--cpp-wrapper", "false"]), cuda=True, graphs=True) is False
+    assert capsys.readouterr().out == ""
 
 
 def test_the_pad_multiple_reaches_the_collator_the_trainer_ends_with(model_dir, capsys):
