@@ -40,6 +40,15 @@ def resolve(cfg, cuda: bool) -> int:
     return AUTO_PASSES_WITHOUT_CUDA
 
 
+def pass_rows(rows: int, passes: int) -> set[int]:
+    """The row counts a step's passes can have (`plan_passes` cuts `rows` rows into passes of ceil(rows / passes)),
+    with `rows` itself for a batch that stays one pass: what a compiled block meets as its batch sizes."""
+    if passes <= 1 or rows <= 1:
+        return {rows}
+    per = math.ceil(rows / passes)
+    return {rows} | {min(per, rows - start) for start in range(0, rows, per)}
+
+
 def plan_passes(batch: Mapping, passes: int, multiple: int | None = None) -> tuple[dict, list[tuple[int, int, int]] | str]:
     """The batch with its rows sorted by length (shortest first), and each pass's (first row, row after, width: its
     longest row, rounded up to `multiple` where the rows are padded to one); or the batch as it was and why it stays

@@ -389,7 +389,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.cpp_wrapper = "true" if use_cpp_wrapper(cfg, torch.cuda.is_available(), steps_to_take, graphs=bool(graphs)) else "false"
     if graphs:
         cfg.pad_to_multiple_of = graphs
-        use_block_graphs(graphs, cfg.max_seq_length, cpp_wrapper=cfg.cpp_wrapper == "true")
+        use_block_graphs(graphs, cfg.max_seq_length, cpp_wrapper=cfg.cpp_wrapper == "true",
+                         rows=cfg.per_device_train_batch_size, passes=length_passes.resolve(cfg, torch.cuda.is_available()))
 
     from transformers import set_seed
 
@@ -1198,10 +1199,11 @@ def block_graph_multiple(max_seq_length: int) -> int:
     return 64 * math.ceil(max_seq_length / BLOCK_GRAPH_WIDTHS / 64)
 
 
-def use_block_graphs(multiple: int, max_seq_length: int, cpp_wrapper: bool = False) -> None:
+def use_block_graphs(multiple: int, max_seq_length: int, cpp_wrapper: bool = False, rows: int = 1, passes: int = 1) -> None:
     """Turn unsloth's per-block CUDA graphs on (before it compiles the blocks: the model's load), allowing as many
-    shapes as the padded widths, plus one for an epoch's last, smaller batch (past its cap unsloth turns a layer
-    kind's graphs off).
+    shapes as the padded widths times the row counts a block meets (one, or with `--length-passes` each pass's and a
+    whole batch's: `length_passes.pass_rows`), plus `passes` for an epoch's last, smaller batch (past its cap unsloth
+    turns a layer kind's graphs off, silently but for its log).
 
     With the C++ wrappers (`--cpp-wrapper`, which `use_cpp_wrapper` leaves on beside the graphs from torch 2.12 only),
     Inductor's graph partition goes off: Inductor (torch 2.12-2.13, `compile_fx.get_cpp_wrapper_config`) turns
@@ -1209,7 +1211,7 @@ def use_block_graphs(multiple: int, max_seq_length: int, cpp_wrapper: bool = Fal
     "skipping cudagraphs due to cpp-wrapper does not support graph partition yet": the blocks would record no graph.
     Without partition a compiled graph is recorded whole, or skipped whole (and said) where an op of it cannot be in a
     CUDA graph."""
-    shapes = math.ceil(max_seq_length / multiple) + 1
+    shapes = math.ceil(max_seq_length / multiple) * len(length_passes.pass_rows(rows, passes)) + max(1, passes)
     os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] = "1"
     os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"] = str(shapes)
     blocks = sys.modules.get("unsloth.models._block_compile")

@@ -10,7 +10,7 @@ import torch
 
 from shared.errors import ConfigError
 from tests.training.test_train import run_train
-from training.length_passes import PLAN, PlannedCollator, cut, padded_share, plan_passes
+from training.length_passes import PLAN, PlannedCollator, cut, padded_share, pass_rows, plan_passes
 
 WORDS = "the sea mountains bread dragons moon rivers castles owls sail wind storm gold map".split()
 
@@ -55,6 +55,20 @@ def test_a_right_padded_batch_is_sorted_by_length_and_each_pass_cut_to_its_longe
     # rows padded to a multiple (--pad-to-multiple-of): each pass's width too, within the batch's own
     assert plan_passes(right_padded([5, 2, 9, 3, 7], 16), 2, multiple=4)[1] == [(0, 3, 8), (3, 5, 12)]
     assert plan_passes(right_padded([5, 9], 10), 2, multiple=8)[1] == [(0, 1, 8), (1, 2, 10)]
+
+
+def test_pass_rows_are_the_row_counts_the_plans_cut():
+    """What `--block-cuda-graphs` sizes unsloth's shape cap by: every pass's row count that a plan can cut, and the
+    whole batch's (a batch that stays one pass), nothing else."""
+    for rows in range(1, 10):
+        for passes in range(1, 6):
+            seen = {rows}
+            lengths = [random.Random(rows * 10 + passes).randint(1, 20) for _ in range(rows)]
+            plan = plan_passes(right_padded(lengths, 20), passes)[1]
+            if not isinstance(plan, str):  # one row: one pass
+                seen |= {stop - start for start, stop, _ in plan}
+            assert pass_rows(rows, passes) == seen, (rows, passes)
+    assert pass_rows(8, 2) == {4, 8} and pass_rows(8, 3) == {2, 3, 8} and pass_rows(8, 1) == {8}
 
 
 @pytest.mark.parametrize("batch, why", [

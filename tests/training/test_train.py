@@ -596,6 +596,14 @@ def test_block_cuda_graphs_pad_the_rows_to_few_widths_and_turn_unsloths_graphs_o
     monkeypatch.setitem(sys.modules, "unsloth.models._block_compile", blocks)
     use_block_graphs(128, 1000)
     assert blocks._COMPILE_OPTIONS["triton.cudagraphs"] is True and blocks._CUDAGRAPH_MAX_SHAPES == 9  # 8 widths + 1
+    # with --length-passes a block also meets each pass's rows (and a whole batch's): 8 rows in 2 passes are 4 or 8
+    # rows, in 3 passes 3, 2 or 8; widths x row counts, plus the passes of an epoch's last batch
+    use_block_graphs(256, 2048, rows=8, passes=2)
+    assert blocks._CUDAGRAPH_MAX_SHAPES == 8 * 2 + 2 and os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"] == "18"
+    use_block_graphs(256, 2048, rows=8, passes=3)
+    assert blocks._CUDAGRAPH_MAX_SHAPES == 8 * 3 + 3
+    use_block_graphs(256, 2048, rows=2, passes=4)  # passes of one row: 1 or 2 rows
+    assert blocks._CUDAGRAPH_MAX_SHAPES == 8 * 2 + 4
 
     for bad in ("0", "-64"):
         with pytest.raises(ConfigError, match=f"--pad-to-multiple-of must be a whole number, 1 or more, not {bad}"):
