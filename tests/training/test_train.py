@@ -586,8 +586,10 @@ def test_block_cuda_graphs_pad_the_rows_to_few_widths_and_turn_unsloths_graphs_o
     assert block_graphs(parse_config(on + ["--pad-to-multiple-of", "512"]), cuda=True, unsloth=True) == 512
     assert block_graphs(parse_config(["--block-cuda-graphs", "false"]), cuda=True, unsloth=True) is None
 
-    monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS", raising=False)
-    monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES", raising=False)
+    # set (not deleted) first, so that the teardown takes away what use_block_graphs writes: other tests' processes
+    # would inherit it
+    monkeypatch.setenv("UNSLOTH_BLOCK_CUDAGRAPHS", "0")
+    monkeypatch.setenv("UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES", "8")
     monkeypatch.delitem(sys.modules, "unsloth.models._block_compile", raising=False)
     use_block_graphs(256, 2048)
     assert os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] == "1" and os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"] == "9"
