@@ -40,6 +40,11 @@ def resolve(cfg, cuda: bool) -> int:
     return AUTO_PASSES_WITHOUT_CUDA
 
 
+def padded_to(width: int, multiple: int | None) -> int:
+    """`width` rounded up to a multiple of `multiple` (--pad-to-multiple-of), or as it is without one."""
+    return -(-width // multiple) * multiple if multiple else width
+
+
 def pass_rows(rows: int, passes: int) -> set[int]:
     """The row counts a step's passes can have (`plan_passes` cuts `rows` rows into passes of ceil(rows / passes)),
     with `rows` itself for a batch that stays one pass: what a compiled block meets as its batch sizes."""
@@ -74,10 +79,8 @@ def plan_passes(batch: Mapping, passes: int, multiple: int | None = None) -> tup
     sorted_batch = {k: v.index_select(0, order) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows
                     else v for k, v in batch.items()}
     per = math.ceil(rows / passes)
-    def fit(longest: int) -> int:
-        return min(width, -(-longest // multiple) * multiple) if multiple else longest
-
-    plan = [(start, min(start + per, rows), max(1, fit(int(lengths[min(start + per, rows) - 1])))) for start in range(0, rows, per)]
+    plan = [(start, min(start + per, rows), max(1, min(width, padded_to(int(lengths[min(start + per, rows) - 1]), multiple))))
+            for start in range(0, rows, per)]
     return sorted_batch, plan
 
 
@@ -171,7 +174,6 @@ def padded_share(lengths: list[int], rows: int, passes: int, draws: int = 2000, 
         batch = sorted(rng.choice(lengths) for _ in range(rows))
         real += sum(batch)
         widths = (batch[min(i + per, rows) - 1] for i in range(0, rows, per))
-        padded += sum(len(batch[i:i + per]) * (-(-w // multiple) * multiple if multiple else w)
-                      for i, w in zip(range(0, rows, per), widths))
+        padded += sum(len(batch[i:i + per]) * padded_to(w, multiple) for i, w in zip(range(0, rows, per), widths))
     return {"rows": rows, "passes": passes, "real_tokens": round(real / draws, 1),
             "padded_tokens": round(padded / draws, 1), "real_share": round(real / padded, 3)}

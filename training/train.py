@@ -384,13 +384,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # before the model loads (nothing is compiled yet); `auto` needs the run's length, so after the data
     done_steps = checkpoint_step(resume_from) if resume_from else 0
     steps_to_take = planned_steps(cfg, len(data)) - done_steps  # this process's share of the run
+    cfg.length_passes = str(length_passes.resolve(cfg, torch.cuda.is_available()))  # as resolved, in run.json's config
     graphs = block_graphs(cfg, torch.cuda.is_available(), unsloth)  # before unsloth compiles the blocks (_load)
     cfg.block_cuda_graphs = "true" if graphs else "false"  # as resolved, in run.json's config
     cfg.cpp_wrapper = "true" if use_cpp_wrapper(cfg, torch.cuda.is_available(), steps_to_take, graphs=bool(graphs)) else "false"
     if graphs:
         cfg.pad_to_multiple_of = graphs
         use_block_graphs(graphs, cfg.max_seq_length, cpp_wrapper=cfg.cpp_wrapper == "true",
-                         rows=cfg.per_device_train_batch_size, passes=length_passes.resolve(cfg, torch.cuda.is_available()))
+                         rows=cfg.per_device_train_batch_size, passes=int(cfg.length_passes))
 
     from transformers import set_seed
 
@@ -438,7 +439,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     trainer.add_callback(guards)
     if guards.enabled:
         trainer.training_step = guards.guarded(trainer.training_step)
-    cfg.length_passes = str(length_passes.resolve(cfg, torch.cuda.is_available()))  # as resolved, in run.json's config
     passes = length_passes.install(trainer, int(cfg.length_passes))  # outside the guards: a pass retried is that pass alone
     counted = count_tokens_on_the_host(trainer) if cfg.overlap_steps == "true" else None
     collator = trainer.data_collator
